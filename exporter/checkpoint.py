@@ -1,0 +1,101 @@
+"""Read checkpoint files safely: safetensors, or `.ckpt` through weights-only unpickling.
+
+Nothing here executes code from a file. A `.ckpt` whose pickle needs more than tensors and
+plain containers is refused with a message saying so.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+from edgesd.errors import CheckpointError
+
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+def check_file(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if path.is_file() and path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the file is empty")
+    return path
+
+
+def safetensors_shapes(path: Path) -> dict:
+    """{key: shape} from a safetensors header, without reading any tensor data."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) != 8:
+                raise ValueError("shorter than a safetensors header")
+            (n,) = struct.unpack("<Q", head)
+            size = path.stat().st_size
+            if n > size - 8 or n > 100 * 2**20:
+                raise ValueError("header length runs past the end of the file (truncated?)")
+            header = json.loads(f.read(n))
+        shapes = {}
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            start, end = info["data_offsets"]
+            if end > size - 8 - n:
+                raise ValueError(f"tensor {key!r} runs past the end of the file (truncated?)")
+            shapes[key] = tuple(info["shape"])
+        return shapes
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
+
+
+def load_state_dict(path: str | Path) -> dict:
+    """All tensors of a checkpoint file as {key: torch.Tensor} (CPU)."""
+    path = check_file(path)
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
+        safetensors_shapes(path)  # clear error for truncated/corrupt headers
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"{path}: cannot read safetensors data ({e})") from None
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        return _load_pickle(path)
+    raise CheckpointError(
+        f"{path}: unknown checkpoint format {path.suffix!r}; expected "
+        f"{', '.join(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)} or a diffusers folder"
+    )
+
+
+def _load_pickle(path: Path) -> dict:
+    import pickle
+    import zipfile
+
+    import torch
+
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe pickle"
+        raise CheckpointError(
+            f"{path}: refused to load: the pickle needs more than tensors (weights-only loading "
+            f"failed: {first}). Convert it to .safetensors with a tool you trust."
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0]})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
+        raise CheckpointError(f"{path}: the file holds no state dict of named tensors")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def tensor_shapes(path: str | Path) -> tuple[dict, dict | None]:
+    """({key: shape}, state_dict or None). Safetensors are read header-only."""
+    path = check_file(path)
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
+        return safetensors_shapes(path), None
+    state = load_state_dict(path)
+    return {k: tuple(v.shape) for k, v in state.items()}, state

@@ -1,0 +1,80 @@
+"""torch modules whose forward signature is exactly one component of models.contract.
+
+Each wrapper takes and returns the contract's tensors in order, so export and verification
+are driven by the contract alone.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class TextEncoderGraph(torch.nn.Module):
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids):
+        out = self.text_encoder(input_ids.to(torch.int64), return_dict=True)
+        return out.last_hidden_state, out.pooler_output
+
+
+class UNetGraph(torch.nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+class VaeDecoderGraph(torch.nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent_sample):
+        return self.vae.decode(latent_sample, return_dict=False)[0]
+
+
+class VaeEncoderGraph(torch.nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, sample):
+        moments = self.vae.encoder(sample)
+        if self.vae.quant_conv is not None:
+            moments = self.vae.quant_conv(moments)
+        return moments
+
+
+def graph_for(component: str, model) -> torch.nn.Module:
+    wrappers = {"text_encoder": (TextEncoderGraph, "text_encoder"), "unet": (UNetGraph, "unet"),
+                "vae_decoder": (VaeDecoderGraph, "vae"), "vae_encoder": (VaeEncoderGraph, "vae")}
+    cls, attr = wrappers[component]
+    return cls(getattr(model, attr)).eval()
+
+
+def example_inputs(spec, configs: dict, *, batch: int, latent_hw: tuple, seed: int) -> list:
+    """Seeded random inputs shaped by the contract; dynamic axes get concrete sizes here."""
+    g = torch.Generator().manual_seed(seed)
+    scale = 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
+    sizes = {"batch": batch, "sequence": 77, "height": latent_hw[0], "width": latent_hw[1],
+             "latent_height": latent_hw[0], "latent_width": latent_hw[1]}
+    if spec.name == "vae_encoder":
+        sizes.update(height=latent_hw[0] * scale, width=latent_hw[1] * scale)
+    tensors = []
+    for t in spec.inputs:
+        shape = [sizes[d] if isinstance(d, str) else d for d in t.shape]
+        if t.name == "input_ids":
+            vocab = configs["text_encoder"]["vocab_size"]
+            ids = torch.randint(0, vocab - 2, shape, generator=g, dtype=torch.int64)
+            ids[:, 0] = vocab - 2  # BOS, then an EOS part-way so pooling has a real target
+            ids[:, shape[1] // 2:] = vocab - 1
+            tensors.append(ids.to(torch.int32))
+        elif t.name == "timestep":
+            tensors.append(torch.tensor(float(torch.randint(1, 999, (), generator=g)) + 0.5))
+        else:
+            tensors.append(torch.randn(shape, generator=g))
+    return tensors

@@ -1,0 +1,126 @@
+"""The ONNX I/O contract: one declarative description per exported component.
+
+Both sides read this: the exporter names graph inputs/outputs and dynamic axes from it,
+the runtime feeds sessions by it, and the conformance checks compare graphs against it.
+Names and folder layout follow what optimum writes for Stable Diffusion, so folders from
+either tool are interchangeable.
+
+A dtype of ``"float"`` means "the component's precision" (float32 or float16 as exported);
+fixed dtypes are spelled out. A dimension is an int (fixed) or a string (a dynamic axis).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+FLOAT = "float"
+NUMPY_DTYPES = {"float32": "float32", "float16": "float16", "int32": "int32", "int64": "int64"}
+ONNX_TYPE_NAMES = {  # onnxruntime's type strings -> numpy dtype names
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(int32)": "int32",
+    "tensor(int64)": "int64",
+    "tensor(double)": "float64",
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: tuple
+
+    def resolved_dtype(self, precision: str) -> str:
+        """The numpy dtype name for a component exported at `precision` ("fp32"/"fp16")."""
+        if self.dtype == FLOAT:
+            return "float16" if precision == "fp16" else "float32"
+        return self.dtype
+
+    @property
+    def dynamic_axes(self) -> dict:
+        return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """One ONNX graph of a model folder: `<name>/model.onnx`."""
+
+    name: str
+    inputs: tuple
+    outputs: tuple
+    description: str = ""
+
+    @property
+    def path(self) -> str:
+        return f"{self.name}/model.onnx"
+
+    @property
+    def input_names(self) -> list:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list:
+        return [t.name for t in self.outputs]
+
+    def dynamic_axes(self) -> dict:
+        """torch.onnx.export's `dynamic_axes` argument."""
+        return {t.name: t.dynamic_axes for t in (*self.inputs, *self.outputs) if t.dynamic_axes}
+
+    def input(self, name: str) -> TensorSpec:
+        return next(t for t in self.inputs if t.name == name)
+
+    def output(self, name: str) -> TensorSpec:
+        return next(t for t in self.outputs if t.name == name)
+
+
+def text_encoder_spec(hidden_size: int, name: str = "text_encoder") -> ComponentSpec:
+    """CLIP text transformer run on one 77-token chunk per batch row."""
+    return ComponentSpec(
+        name,
+        inputs=(TensorSpec("input_ids", "int32", ("batch", "sequence")),),
+        outputs=(
+            TensorSpec("last_hidden_state", FLOAT, ("batch", "sequence", hidden_size)),
+            TensorSpec("pooler_output", FLOAT, ("batch", hidden_size)),
+        ),
+        description="token ids -> final-layer hidden states (after final_layer_norm) and pooled output",
+    )
+
+
+def unet_spec(in_channels: int, out_channels: int, context_dim: int) -> ComponentSpec:
+    """The denoiser. `timestep` is a float32 scalar (fractional t, as k-diffusion passes it)."""
+    return ComponentSpec(
+        "unet",
+        inputs=(
+            TensorSpec("sample", FLOAT, ("batch", in_channels, "height", "width")),
+            TensorSpec("timestep", "float32", ()),
+            TensorSpec("encoder_hidden_states", FLOAT, ("batch", "sequence", context_dim)),
+        ),
+        outputs=(TensorSpec("out_sample", FLOAT, ("batch", out_channels, "height", "width")),),
+        description="model-input latents, timestep, text context -> eps (or v) prediction",
+    )
+
+
+def vae_decoder_spec(latent_channels: int) -> ComponentSpec:
+    """Unscaled latents (already divided by scaling_factor) -> image in [-1, 1]."""
+    return ComponentSpec(
+        "vae_decoder",
+        inputs=(TensorSpec("latent_sample", FLOAT, ("batch", latent_channels, "latent_height", "latent_width")),),
+        outputs=(TensorSpec("sample", FLOAT, ("batch", 3, "height", "width")),),
+        description="latents / scaling_factor -> image in [-1, 1] (post_quant_conv included)",
+    )
+
+
+def vae_encoder_spec(latent_channels: int) -> ComponentSpec:
+    """Image in [-1, 1] -> the diagonal Gaussian's parameters (mean ‖ logvar on channels).
+
+    The runtime takes the mean or draws a sample with its own seeded generator, so the
+    graph stays deterministic.
+    """
+    return ComponentSpec(
+        "vae_encoder",
+        inputs=(TensorSpec("sample", FLOAT, ("batch", 3, "height", "width")),),
+        outputs=(
+            TensorSpec("latent_parameters", FLOAT, ("batch", 2 * latent_channels, "latent_height", "latent_width")),
+        ),
+        description="image in [-1, 1] -> latent mean and log-variance (quant_conv included)",
+    )
