@@ -11,7 +11,9 @@ __all__ = ["Pipeline", "__version__"]
 
 def __getattr__(name):
     if name == "Pipeline":
-        from edgesd.runtime.pipeline import Pipeline
-
+        try:
+            from edgesd.runtime.pipeline import Pipeline
+        except AttributeError as e:  # keep it from looking like "no attribute Pipeline"
+            raise ImportError(f"edgesd.runtime.pipeline failed to import: {e}") from e
         return Pipeline
     raise AttributeError(f"module 'edgesd' has no attribute {name!r}")

@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 
 from edgesd.errors import InvalidArgumentError
+from edgesd.models.families import EXPORTED_CONFIG_FILES
 from edgesd.models.manifest import FORMAT_VERSION, sha256_file, write_manifest
 
 TMP_MARK = ".edgesd-tmp-"
@@ -139,8 +140,6 @@ def write_configs(folder: Path, configs: dict, loaded) -> None:
                   "vae_encoder": ["onnxruntime", "ORTModelVaeEncoder"]})
     index.pop("vae", None)
     dump("model_index.json", index)
-    dump("scheduler/scheduler_config.json", configs["scheduler"])
-    dump("unet/config.json", configs["unet"])
-    dump("vae_decoder/config.json", configs["vae"])
-    dump("vae_encoder/config.json", configs["vae"])
-    dump("text_encoder/config.json", configs["text_encoder"])
+    for component, rels in EXPORTED_CONFIG_FILES.items():
+        for rel in rels:
+            dump(rel, configs[component])

@@ -33,10 +33,14 @@ def bpe_table_path() -> Path:
 
 
 def byte_symbols() -> list:
-    """GPT-2/CLIP's reversible byte -> printable unicode character table, in byte order."""
+    """GPT-2/CLIP's reversible byte -> unicode symbol table, in CLIP's vocabulary order.
+
+    Printable bytes stand for themselves and come first; the other bytes are mapped to
+    code points from 256 up, in byte order, and follow.
+    """
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    extra = iter(range(256, 512))
-    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+    others = [b for b in range(256) if b not in printable]
+    return [chr(b) for b in printable] + [chr(256 + n) for n in range(len(others))]
 
 
 def clip_vocab_and_merges() -> tuple[dict, list]:

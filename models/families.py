@@ -17,11 +17,19 @@ from edgesd.errors import unknown_name
 from edgesd.models import contract
 
 CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
+# Where component configs live: in a diffusers (torch) folder, and in an exported ONNX
+# folder (optimum's layout, where the VAE config sits beside both VAE graphs).
 DIFFUSERS_CONFIG_FILES = {
     "unet": "unet/config.json",
     "vae": "vae/config.json",
     "text_encoder": "text_encoder/config.json",
     "scheduler": "scheduler/scheduler_config.json",
+}
+EXPORTED_CONFIG_FILES = {
+    "unet": ("unet/config.json",),
+    "vae": ("vae_decoder/config.json", "vae_encoder/config.json"),
+    "text_encoder": ("text_encoder/config.json",),
+    "scheduler": ("scheduler/scheduler_config.json",),
 }
 
 
@@ -82,17 +90,25 @@ def get_family(name: str) -> Family:
     raise unknown_name("model family", name, FAMILIES)
 
 
-def load_configs(folder: str | Path) -> dict:
-    """Read a diffusers-format folder's component configs into {component: dict}.
+def load_configs(folder: str | Path, layout: dict = DIFFUSERS_CONFIG_FILES) -> dict:
+    """Read a folder's component configs into {component: dict}.
 
-    Missing components are simply absent from the result; the caller decides what it needs.
+    `layout` is DIFFUSERS_CONFIG_FILES (a torch model folder) or EXPORTED_CONFIG_FILES (an
+    ONNX folder). Missing components are absent from the result; callers decide what they need.
     """
+    from edgesd.errors import ModelFolderError
+
     folder = Path(folder)
     configs = {}
-    for component, rel in DIFFUSERS_CONFIG_FILES.items():
-        path = folder / rel
-        if path.is_file():
-            configs[component] = json.loads(path.read_text())
+    for component, rels in layout.items():
+        for rel in (rels,) if isinstance(rels, str) else rels:
+            path = folder / rel
+            if path.is_file():
+                try:
+                    configs[component] = json.loads(path.read_text(encoding="utf-8"))
+                except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                    raise ModelFolderError(f"{path}: unreadable config ({e})") from None
+                break
     return configs
 
 

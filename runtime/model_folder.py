@@ -1,0 +1,105 @@
+"""An exported model folder as the runtime sees it: manifest (or inferred facts), configs,
+the contract of each component, and onnxruntime sessions that follow that contract.
+
+Folders from optimum have no edgesd.json; their family, prediction type and sample size
+are inferred from the configs they do have.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgesd.errors import ModelFolderError
+from edgesd.models.contract import ONNX_TYPE_NAMES
+from edgesd.models.families import EXPORTED_CONFIG_FILES, family_of_configs, get_family, load_configs, sample_size
+from edgesd.models.manifest import read_manifest
+
+REQUIRED_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+
+
+@dataclass
+class ModelFolder:
+    path: Path
+    manifest: dict | None
+    family: object
+    configs: dict
+    variant: str
+    prediction_type: str
+    sample_size: int
+    precision: str
+    specs: dict  # component name -> ComponentSpec
+
+    @classmethod
+    def open(cls, path) -> "ModelFolder":
+        path = Path(path)
+        if not path.is_dir():
+            raise ModelFolderError(f"{path}: no such model folder")
+        manifest = read_manifest(path)
+        configs = load_configs(path, EXPORTED_CONFIG_FILES)
+        missing = [c for c in ("unet", "vae", "text_encoder", "scheduler") if c not in configs]
+        if missing:
+            raise ModelFolderError(f"{path}: not an exported model folder (missing configs: {', '.join(missing)})")
+        family = get_family(manifest["family"]) if manifest else family_of_configs(configs)
+        specs = {s.name: s for s in family.components(configs)}
+        for name in REQUIRED_COMPONENTS:
+            if not (path / specs[name].path).is_file():
+                raise ModelFolderError(f"{path}: missing {specs[name].path}")
+        if manifest:
+            for name, entry in manifest["components"].items():
+                data = entry.get("external_data")
+                if data and not (path / data).is_file():
+                    raise ModelFolderError(f"{path}: missing external data {data} of {name}")
+        scheduler = configs["scheduler"]
+        return cls(
+            path=path,
+            manifest=manifest,
+            family=family,
+            configs=configs,
+            variant=manifest["variant"] if manifest else ("inpaint" if configs["unet"]["in_channels"] == 9 else "base"),
+            prediction_type=manifest["prediction_type"] if manifest else scheduler.get("prediction_type", "epsilon"),
+            sample_size=manifest["sample_size"] if manifest else sample_size(configs),
+            precision=manifest["precision"] if manifest else "fp32",
+            specs=specs,
+        )
+
+    def has(self, component: str) -> bool:
+        return component in self.specs and (self.path / self.specs[component].path).is_file()
+
+    def session(self, component: str, providers: list, options=None) -> "Session":
+        if not self.has(component):
+            raise ModelFolderError(f"{self.path}: this model folder has no {component} graph")
+        return Session(self.path / self.specs[component].path, self.specs[component], providers, options)
+
+
+class Session:
+    """An onnxruntime session checked against the contract; feeds are cast to the graph's dtypes."""
+
+    def __init__(self, path: Path, spec, providers: list, options=None):
+        import onnxruntime as ort
+
+        self.spec = spec
+        if options is None:
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise ModelFolderError(f"{path}: onnxruntime cannot load the graph ({str(e).splitlines()[0]})") from None
+        graph_inputs = {i.name: i for i in self.session.get_inputs()}
+        graph_outputs = {o.name for o in self.session.get_outputs()}
+        missing = [n for n in spec.input_names if n not in graph_inputs]
+        if missing or spec.output_names[0] not in graph_outputs:
+            raise ModelFolderError(
+                f"{path}: graph does not follow the {spec.name} contract (inputs {sorted(graph_inputs)}, "
+                f"outputs {sorted(graph_outputs)}; expected inputs {spec.input_names})"
+            )
+        self.input_dtypes = {n: np.dtype(ONNX_TYPE_NAMES.get(i.type, "float32")) for n, i in graph_inputs.items()}
+        self.input_ranks = {n: len(i.shape) for n, i in graph_inputs.items()}
+        self.output_names = [n for n in spec.output_names if n in graph_outputs]
+
+    def run(self, outputs: list | None = None, **feeds) -> list:
+        feed = {name: np.asarray(value, dtype=self.input_dtypes[name]) for name, value in feeds.items()}
+        return self.session.run(outputs or self.output_names, feed)

@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny synthetic SD1.x checkpoints (safetensors, .ckpt, diffusers folder),
+exported once per test session. Nothing is downloaded: HF_HUB_OFFLINE is forced."""
+
+import os
+import shutil
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from edgesd.models.families import get_family  # noqa: E402
+
+TINY_CONFIG = get_family("sd1").config_dir("tiny")
+
+
+def _exporter_available() -> bool:
+    try:
+        import diffusers  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+requires_exporter = pytest.mark.skipif(not _exporter_available(), reason="needs the export extra")
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("edgesd")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(workdir):
+    from edgesd.exporter.synth import write_synthetic_checkpoint
+
+    return write_synthetic_checkpoint("sd1", "tiny", workdir / "tiny.safetensors", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_export(workdir, tiny_checkpoint):
+    from edgesd.exporter.export import export
+
+    out = workdir / "tiny-onnx"
+    export(tiny_checkpoint, out, config=TINY_CONFIG, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def reference_config(workdir):
+    """The tiny architecture as a diffusers config folder with tokenizer files, for diffusers' own loaders."""
+    from edgesd.exporter.tokenizer_files import write_clip_tokenizer
+
+    folder = workdir / "tiny-config"
+    shutil.copytree(TINY_CONFIG, folder)
+    write_clip_tokenizer(folder / "tokenizer")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def reference_pipeline(tiny_checkpoint, reference_config):
+    """diffusers' StableDiffusionPipeline loaded by diffusers itself from the LDM single file."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_single_file(
+        str(tiny_checkpoint), config=str(reference_config), local_files_only=True,
+        safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
