@@ -75,13 +75,18 @@ def _load_pickle(path: Path) -> dict:
 
     import torch
 
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK") or head[:1] == b"\x80"):  # torch zip archive, or a raw pickle
+        raise CheckpointError(f"{path}: not a readable checkpoint (neither a torch zip archive nor a pickle)")
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe pickle"
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        reason = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), "unsafe content")
         raise CheckpointError(
-            f"{path}: refused to load: the pickle needs more than tensors (weights-only loading "
-            f"failed: {first}). Convert it to .safetensors with a tool you trust."
+            f"{path}: refused to load: the pickle needs more than tensors ({reason}); loading it could "
+            "run code. Convert it to .safetensors with a tool you trust."
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0]})") from None

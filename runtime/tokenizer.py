@@ -63,7 +63,7 @@ def _read_json(path: Path, default):
 
 
 def _load(folder: Path):
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     if (folder / "tokenizer.json").is_file():
         return Tokenizer.from_file(str(folder / "tokenizer.json"))
@@ -83,4 +83,6 @@ def _load(folder: Path):
         pre_tokenizers.ByteLevel(add_prefix_space=False),
     ])
     tok.decoder = decoders.ByteLevel()
+    # Written inside a prompt, the special tokens stay single tokens (as transformers does).
+    tok.add_special_tokens([AddedToken(t, special=True) for t in ("<|startoftext|>", "<|endoftext|>")])
     return tok

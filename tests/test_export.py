@@ -1,0 +1,195 @@
+"""Exporter: LDM layout round trip, manifest, atomic output, refusal of unsafe or wrong input."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import TINY_CONFIG, requires_exporter
+
+pytestmark = requires_exporter
+
+
+def test_synthetic_checkpoint_is_a_real_ldm_layout(tiny_checkpoint, reference_pipeline):
+    """diffusers' own single-file loader reads our synthetic file back to the same weights."""
+    from edgesd.exporter.synth import build_modules
+
+    _, _, unet, vae, text = build_modules("sd1", "tiny", 0)
+    for ours, theirs in ((unet, reference_pipeline.unet), (vae, reference_pipeline.vae),
+                         (text, reference_pipeline.text_encoder)):
+        a, b = ours.state_dict(), theirs.state_dict()
+        a = {k: v for k, v in a.items() if not k.endswith("position_ids")}
+        b = {k: v for k, v in b.items() if not k.endswith("position_ids")}
+        assert a.keys() == b.keys()
+        assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+
+
+def test_ldm_keys_are_the_public_names(tiny_checkpoint):
+    from edgesd.exporter.checkpoint import safetensors_shapes
+
+    keys = set(safetensors_shapes(tiny_checkpoint))
+    for key in ("model.diffusion_model.input_blocks.0.0.weight",
+                "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
+                "model.diffusion_model.input_blocks.3.0.op.weight",
+                "model.diffusion_model.middle_block.1.proj_in.weight",
+                "model.diffusion_model.output_blocks.2.1.conv.weight",
+                "model.diffusion_model.out.2.weight",
+                "first_stage_model.encoder.down.0.block.0.norm1.weight",
+                "first_stage_model.decoder.up.3.upsample.conv.weight",
+                "first_stage_model.encoder.mid.attn_1.q.weight",
+                "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"):
+        assert key in keys, key
+
+
+def test_manifest_records_what_was_exported(tiny_export, tiny_checkpoint):
+    from edgesd.models.manifest import read_manifest, sha256_file
+
+    m = read_manifest(tiny_export)
+    assert (m["family"], m["variant"], m["prediction_type"], m["precision"]) == ("sd1", "base", "epsilon", "fp32")
+    assert m["sample_size"] == 64 and m["adapters"] == []
+    assert m["source"] == {"file": "tiny.safetensors", "sha256": sha256_file(tiny_checkpoint), "format": "ldm-single-file"}
+    assert set(m["components"]) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
+    for name, entry in m["components"].items():
+        assert sha256_file(tiny_export / entry["path"]) == entry["sha256"]
+        v = entry["verification"]
+        assert 0 <= v["relative_error"] <= v["tolerance"] == 1e-3
+    assert m["exporter"]["opset"] >= 17
+
+
+def test_graphs_follow_the_contract(tiny_export):
+    import onnx
+
+    from edgesd.models import get_family, load_configs
+    from edgesd.models.families import EXPORTED_CONFIG_FILES
+
+    configs = load_configs(tiny_export, EXPORTED_CONFIG_FILES)
+    for spec in get_family("sd1").components(configs):
+        graph = onnx.load(str(tiny_export / spec.path), load_external_data=False).graph
+        inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
+        outputs = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in graph.output}
+        assert list(inputs) == spec.input_names
+        assert list(outputs) == spec.output_names
+        for t in (*spec.inputs, *spec.outputs):
+            dims = (inputs | outputs)[t.name]
+            assert len(dims) == len(t.shape)
+            for want, got in zip(t.shape, dims):
+                assert got == want if isinstance(want, int) else isinstance(got, str), (spec.name, t.name, dims)
+
+
+def test_existing_output_is_not_clobbered(tiny_checkpoint, tiny_export):
+    from edgesd.errors import InvalidArgumentError
+    from edgesd.exporter.export import export
+
+    before = (tiny_export / "edgesd.json").read_text()
+    with pytest.raises(InvalidArgumentError, match="--overwrite"):
+        export(tiny_checkpoint, tiny_export, config=TINY_CONFIG, progress=False)
+    assert (tiny_export / "edgesd.json").read_text() == before
+
+
+def _leftovers(parent, name):
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{name}"))
+
+
+@pytest.mark.parametrize("fail_on", ["unet", "vae_encoder"])
+def test_failure_mid_export_leaves_nothing(tmp_path, tiny_checkpoint, monkeypatch, fail_on):
+    from edgesd.exporter import onnx_export
+    from edgesd.exporter.export import export
+
+    real = onnx_export.export_component
+
+    def failing(spec, *args, **kwargs):
+        if spec.name == fail_on:
+            raise RuntimeError("injected failure")
+        return real(spec, *args, **kwargs)
+
+    monkeypatch.setattr(onnx_export, "export_component", failing)
+    out = tmp_path / "model"
+    with pytest.raises(RuntimeError, match="injected"):
+        export(tiny_checkpoint, out, config=TINY_CONFIG, progress=False)
+    assert not out.exists()
+    assert _leftovers(tmp_path, "model") == []
+
+
+def test_failed_overwrite_keeps_previous_version(tmp_path, tiny_checkpoint, tiny_export, monkeypatch):
+    import shutil
+
+    from edgesd.exporter import onnx_export
+    from edgesd.exporter.export import export
+
+    out = tmp_path / "model"
+    shutil.copytree(tiny_export, out)
+    before = (out / "edgesd.json").read_text()
+    monkeypatch.setattr(onnx_export, "verify_component", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError):
+        export(tiny_checkpoint, out, config=TINY_CONFIG, overwrite=True, progress=False)
+    assert (out / "edgesd.json").read_text() == before
+    assert _leftovers(tmp_path, "model") == []
+
+
+def test_stale_temporary_folders_are_cleaned(tmp_path):
+    from edgesd.exporter.export import TMP_MARK, remove_stale_temporaries
+
+    dead = tmp_path / f".model{TMP_MARK}999999999-abcd1234"
+    live = tmp_path / f".model{TMP_MARK}{os.getppid()}-abcd1234"
+    dead.mkdir(), live.mkdir()
+    remove_stale_temporaries(tmp_path, "model")
+    assert not dead.exists() and live.exists()
+
+
+def test_malicious_ckpt_is_refused_without_running_it(tmp_path):
+    import pickle
+
+    from edgesd.errors import CheckpointError
+    from edgesd.exporter.checkpoint import load_state_dict
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "evil.ckpt"
+    import torch
+
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "payload": Payload()}, path, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_state_dict(path)
+    assert not marker.exists()
+
+
+def test_custom_architecture_needs_config(tiny_checkpoint, tmp_path):
+    from edgesd.errors import CheckpointError
+    from edgesd.exporter.export import export
+
+    with pytest.raises(CheckpointError, match="--config"):
+        export(tiny_checkpoint, tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_clip_vocabulary_gives_clip_token_ids(tmp_path):
+    """Token ids of the original CLIP tokenizer for a well-known prompt (public values)."""
+    from edgesd.exporter.tokenizer_files import write_clip_tokenizer
+    from edgesd.runtime.tokenizer import ClipTokenizer
+
+    tok = ClipTokenizer(write_clip_tokenizer(tmp_path / "tok"))
+    assert tok.encode("a photo of an astronaut riding a horse") == [320, 1125, 539, 550, 18376, 6765, 320, 4558]
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (49406, 49407, 49407)
+    assert json.loads((tmp_path / "tok" / "vocab.json").read_text())["<|endoftext|>"] == 49407
+
+
+PROMPTS = ["a photo of an astronaut riding a horse", "A  RED circle,  on a (black:1.2) background!!",
+           "naïve café 123 4567 it's don't", "emoji 🐱 and ümlauts", "", "x" * 300, "tab\tand\nnewline",
+           "<|endoftext|> inside", "UPPER lower MiXeD 3.14159"]
+
+
+def test_runtime_tokenizer_matches_transformers(tiny_export):
+    from transformers import CLIPTokenizer
+
+    from edgesd.runtime.tokenizer import ClipTokenizer
+
+    ours = ClipTokenizer(tiny_export / "tokenizer")
+    theirs = CLIPTokenizer.from_pretrained(str(tiny_export / "tokenizer"))
+    for p in PROMPTS:
+        expected = theirs(p, padding="max_length", max_length=77, truncation=True).input_ids
+        assert ours.pad(ours.encode(p)) == expected, p
