@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from edgesd import schedulers
-from edgesd.schedulers.registry import initial_noise_scale
 from edgesd.errors import InvalidArgumentError, unknown_name
 from edgesd.runtime import providers as provider_names
 from edgesd.runtime.images import to_pil, to_unit_nhwc
 from edgesd.runtime.infotext import create_infotext
 from edgesd.runtime.model_folder import ModelFolder
+from edgesd.runtime.rng import make_generator
 from edgesd.runtime.tokenizer import ClipTokenizer
 
 OUTPUT_TYPES = ("pil", "np", "latent")
@@ -115,7 +115,7 @@ class Pipeline:
     def __call__(self, prompt, negative_prompt="", num_inference_steps: int = 20, guidance_scale: float = 7.0,
                  height: int | None = None, width: int | None = None, seed=None, latents=None,
                  num_images_per_prompt: int = 1, sampler: str = "Euler", schedule: str = "Automatic",
-                 output_type: str = "pil", callback=None, **sampler_options) -> GenerationResult:
+                 output_type: str = "pil", callback=None, rng: str = "cpu", **sampler_options) -> GenerationResult:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         if not prompts or len(negatives) != len(prompts) or not all(isinstance(p, str) for p in prompts + negatives):
@@ -138,11 +138,16 @@ class Pipeline:
         batch = len(prompts)
         shape = (batch, self.latent_channels, height // self.vae_scale, width // self.vae_scale)
         seeds = image_seeds(seed, batch)
+        generators = [make_generator(s, rng) for s in seeds]  # one stream per image, as A1111
         if latents is None:
-            latents = np.stack([np.random.RandomState(s % 2**32).standard_normal(shape[1:]) for s in seeds])
+            latents = np.stack([g.randn(shape[1:]) for g in generators])
         latents = np.asarray(latents, dtype=np.float32)
         if latents.shape != shape:
             raise InvalidArgumentError(f"latents must have shape {shape} for this size and batch, got {latents.shape}")
+        step_noise = None
+        if schedulers.noise_kind(sampler) == "gaussian":  # ancestral noise continues each image's stream
+            def step_noise(*_):
+                return np.stack([g.randn(shape[1:]) for g in generators])
 
         timings = {}
         start = time.perf_counter()
@@ -153,11 +158,11 @@ class Pipeline:
 
         sigmas = schedulers.sigmas_for(sampler, schedule, steps, self.sigma_table)
         denoise = self.make_denoiser(cond, uncond, guidance_scale, timings)
-        x = latents * np.float32(initial_noise_scale(sampler, schedule, sigmas))
-        x = schedulers.sample(sampler, denoise, x, sigmas, seed=seeds, callback=callback, **sampler_options)
-        if sigmas[-1] > 0:  # samplers ending above sigma 0 (DDIM's grid) leave VE-scaled latents
-            x = x / np.sqrt(1.0 + sigmas[-1] ** 2)
-        x = x.astype(np.float32)
+        init_scale, out_scale = schedulers.latent_scales(sampler, sigmas, schedule)
+        x = latents * np.float32(init_scale)
+        x = schedulers.sample(sampler, denoise, x, sigmas, seed=seeds, noise=step_noise, callback=callback,
+                              **sampler_options)
+        x = (x * out_scale).astype(np.float32)
 
         start = time.perf_counter()
         if output_type == "latent":

@@ -1,0 +1,158 @@
+"""Per-step noise for the stochastic samplers.
+
+A noise sampler is called as `noise(sigma, sigma_next)` and returns standard normal noise
+shaped like the latent. Each image of a batch draws from its own seeded stream, so a seed
+reproduces an image whatever the batch it is in. The step-noise streams are derived from
+the seed (never the bare seed) so that they do not repeat the initial latent's noise when
+the caller draws that from `numpy.random.default_rng(seed)`.
+"""
+
+import inspect
+import math
+from collections import OrderedDict
+
+import numpy as np
+
+from edgesd.errors import InvalidArgumentError
+
+_STEP_STREAM = 0x5EED
+_TREE_STREAM = 0xB7EE
+
+
+def image_seeds(seed, batch):
+    """One seed per image: a sequence is used as is, an int n gives n, n+1, ... (A1111)."""
+    if seed is None:
+        return None
+    if np.ndim(seed) == 0:
+        return [int(seed) + i for i in range(batch)]
+    seeds = [int(s) for s in seed]
+    if len(seeds) != batch:
+        raise InvalidArgumentError(f"got {len(seeds)} seeds for a batch of {batch} images")
+    return seeds
+
+
+def _entropy(seed):
+    return int(seed) % 2**64
+
+
+def gaussian_noise(x, seed=None):
+    """Independent N(0, 1) draws each call, one seeded stream per image (fresh entropy if
+    `seed` is None)."""
+    seeds = image_seeds(seed, x.shape[0])
+    if seeds is None:
+        rng = np.random.default_rng()
+        return lambda sigma=None, sigma_next=None: rng.standard_normal(x.shape, dtype=np.float32).astype(x.dtype)
+    gens = [np.random.default_rng([_entropy(s), _STEP_STREAM]) for s in seeds]
+    shape = x.shape[1:]
+
+    def draw(sigma=None, sigma_next=None):
+        return np.stack([g.standard_normal(shape, dtype=np.float32) for g in gens]).astype(x.dtype, copy=False)
+
+    return draw
+
+
+class BrownianTree:
+    """A seeded Brownian motion W on [t0, t1], sampled lazily at any point.
+
+    W(t1) is drawn first; the value at the split point of an interval is drawn from the
+    Brownian bridge between its ends, with a generator keyed by (seed, node), so W(t) is the
+    same whatever points were asked for before: the noise of a step does not depend on the
+    step count. Intervals are split at their geometric mean when t0 > 0 (the noise levels
+    of a schedule are spread geometrically), until they are narrower than `tol` (relative,
+    0.1 %: closer query points than that get independent bridge samples); then the point
+    itself is bridged. Node values are kept in a small LRU cache, since consecutive steps
+    share most of their path; returned arrays may be shared with it, so do not modify them.
+    """
+
+    def __init__(self, shape, t0, t1, seed, dtype=np.float32, tol=1e-3, max_cache_bytes=64 << 20):
+        self.shape, self.dtype = tuple(shape), dtype
+        self.t0, self.t1 = (float(t0), float(t1)) if t0 <= t1 else (float(t1), float(t0))
+        self.key = _entropy(seed) | (_TREE_STREAM << 64)
+        self.geometric = self.t0 > 0
+        self.tol = tol if self.geometric else tol * max(self.t1 - self.t0, 1e-300)
+        nbytes = max(int(np.prod(self.shape)) * np.dtype(dtype).itemsize, 1)
+        self.cache_size = max(16, min(256, max_cache_bytes // nbytes))
+        self.cache = OrderedDict()
+        self.points = OrderedDict()  # the last few query results: a step's end is the next one's start
+        self.w1 = self._normal(0, 0) * np.sqrt(self.t1 - self.t0)
+
+    def _normal(self, kind, index):
+        # Philox counter blocks [0, 0, index, kind] are disjoint for distinct nodes.
+        bits = np.random.Philox(key=self.key, counter=[0, 0, index & (2**64 - 1), kind])
+        return np.random.Generator(bits).standard_normal(self.shape, dtype=np.float32).astype(self.dtype, copy=False)
+
+    def _split(self, a, b):
+        return math.sqrt(a * b) if self.geometric else 0.5 * (a + b)
+
+    def _narrow(self, a, b):
+        return b < a * (1 + self.tol) if self.geometric else b - a < self.tol
+
+    def _midpoint(self, node, a, m, b, wa, wb):
+        w = self.cache.get(node)
+        if w is None:
+            w = wa + ((m - a) / (b - a)) * (wb - wa)
+            w += math.sqrt((m - a) * (b - m) / (b - a)) * self._normal(1, node)
+            self.cache[node] = w
+            if len(self.cache) > self.cache_size:
+                self.cache.popitem(last=False)
+        else:
+            self.cache.move_to_end(node)
+        return w
+
+    def __call__(self, t):
+        """W(t), with W(t0) = 0; t is clamped to [t0, t1]."""
+        t = min(max(float(t), self.t0), self.t1)
+        w = self.points.get(t)
+        if w is None:
+            w = self.points[t] = self._value(t)
+            if len(self.points) > 4:
+                self.points.popitem(last=False)
+        return w
+
+    def _value(self, t):
+        a, b = self.t0, self.t1
+        wa, wb = np.zeros(self.shape, self.dtype), self.w1
+        if t == a:
+            return wa
+        if t == b:
+            return wb
+        node = 1
+        while not self._narrow(a, b):
+            m = self._split(a, b)
+            wm = self._midpoint(node, a, m, b, wa, wb)
+            if t == m:
+                return wm
+            if t < m:
+                b, wb, node = m, wm, 2 * node
+            else:
+                a, wa, node = m, wm, 2 * node + 1
+        mean = wa + ((t - a) / (b - a)) * (wb - wa)
+        return mean + math.sqrt((t - a) * (b - t) / (b - a)) * self._normal(2, int(np.float64(t).view(np.uint64)))
+
+
+def brownian_noise(x, sigma_min, sigma_max, seed=None):
+    """k-diffusion's BrownianTreeNoiseSampler: (W(sigma_next) - W(sigma)) / sqrt(|step|),
+    one tree per image, on [sigma_min, sigma_max]."""
+    seeds = image_seeds(seed, x.shape[0])
+    if seeds is None:
+        seeds = [int(s) for s in np.random.default_rng().integers(0, 2**63 - 1, x.shape[0])]
+    trees = [BrownianTree(x.shape[1:], sigma_min, sigma_max, s, x.dtype) for s in seeds]
+
+    def draw(sigma, sigma_next):
+        scale = 1.0 / np.sqrt(abs(float(sigma_next) - float(sigma)))
+        return np.stack([(tr(sigma_next) - tr(sigma)) * scale for tr in trees]).astype(x.dtype, copy=False)
+
+    return draw
+
+
+def as_noise_sampler(fn, like):
+    """Accept a user noise callable taking either no argument or (sigma, sigma_next)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        takes_two = len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)
+    except (TypeError, ValueError):
+        takes_two = True
+    if takes_two:
+        return lambda sigma, sigma_next: np.asarray(fn(sigma, sigma_next), dtype=like.dtype)
+    return lambda sigma, sigma_next: np.asarray(fn(), dtype=like.dtype)
