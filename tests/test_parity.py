@@ -26,11 +26,14 @@ def fixed_latents(seed=11, batch=1):
 
 
 def diffusers_scheduler(reference_pipeline, sampler):
-    from diffusers import DDIMScheduler, EulerDiscreteScheduler
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
     config = SD1_SCHEDULER  # the model's own, not whatever an earlier test left on the pipeline
     if sampler == "Euler":  # Karras sigmas over the table's whole range, k-diffusion's initial scale
         return EulerDiscreteScheduler.from_config(config, use_karras_sigmas=True, timestep_spacing="linspace")
+    if sampler == "DPM++ 2M":
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2,
+                                                       use_karras_sigmas=True, timestep_spacing="linspace")
     return DDIMScheduler.from_config(config)  # SD1.5's: leading spacing, steps_offset 1, set_alpha_to_one False
 
 
@@ -38,13 +41,20 @@ def reference_images(reference_pipeline, sampler, latents):
     import torch
 
     reference_pipeline.scheduler = diffusers_scheduler(reference_pipeline, sampler)
+    if sampler == "DPM++ 2M":
+        # diffusers starts this solver from VP noise (x * sqrt(1 + sigma_max^2) in sigma space),
+        # k-diffusion from x * sigma_max: rescale so both start from the same point.
+        from edgesd.schedulers import sigma_table
+
+        sigma_max = float(sigma_table()[-1])
+        latents = latents * np.float32(sigma_max / np.sqrt(1 + sigma_max**2))
     with torch.no_grad():
         out = reference_pipeline(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=CFG,
                                  height=64, width=64, latents=torch.from_numpy(latents), output_type="np")
     return out.images
 
 
-CASES = [("Euler", "Karras"), ("DDIM", "Automatic")]
+CASES = [("Euler", "Karras"), ("DDIM", "Automatic"), ("DPM++ 2M", "Karras")]
 
 
 @pytest.fixture(scope="module")
