@@ -121,3 +121,44 @@ def text_module_key(checkpoint_key: str, model_keys) -> str:
     if checkpoint_key in model_keys:
         return checkpoint_key
     return checkpoint_key.removeprefix("text_model.")
+
+
+# OpenCLIP (SD2's text encoder) <-> HF CLIPTextModel. OpenCLIP fuses q, k, v into one
+# `in_proj` tensor per layer, and its text_projection is a matrix the SD UNet never sees.
+OPEN_CLIP_TOP = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+                 "text_model.embeddings.position_embedding.weight": "positional_embedding",
+                 "text_model.final_layer_norm.weight": "ln_final.weight",
+                 "text_model.final_layer_norm.bias": "ln_final.bias"}
+OPEN_CLIP_LAYER = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
+                   "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+OPEN_CLIP_QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def text_to_open_clip(state: dict, prefix: str) -> dict:
+    """HF CLIP text weights -> OpenCLIP names (`cond_stage_model.model.*`)."""
+    import torch
+
+    state = {text_checkpoint_key(k): v for k, v in state.items() if not k.endswith("position_ids")}
+    out = {prefix + OPEN_CLIP_TOP[k]: v for k, v in state.items() if k in OPEN_CLIP_TOP}
+    layers = sorted({int(k.split(".")[3]) for k in state if k.startswith("text_model.encoder.layers.")})
+    for i in layers:
+        hf, oc = f"text_model.encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
+        for part in ("weight", "bias"):
+            out[f"{oc}attn.in_proj_{part}"] = torch.cat([state[f"{hf}self_attn.{p}.{part}"] for p in OPEN_CLIP_QKV])
+            for a, b in OPEN_CLIP_LAYER.items():
+                out[f"{oc}{b}.{part}"] = state[f"{hf}{a}.{part}"]
+    return out
+
+
+def open_clip_to_text(state: dict, prefix: str, layers: int) -> dict:
+    """OpenCLIP weights (with `prefix`) -> HF CLIP names, keeping the first `layers` layers."""
+    out = {hf: state[prefix + oc] for hf, oc in OPEN_CLIP_TOP.items() if prefix + oc in state}
+    for i in range(layers):
+        hf, oc = f"text_model.encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
+        for part in ("weight", "bias"):
+            fused = state[f"{oc}attn.in_proj_{part}"]
+            for p, chunk in zip(OPEN_CLIP_QKV, fused.chunk(3)):
+                out[f"{hf}self_attn.{p}.{part}"] = chunk
+            for a, b in OPEN_CLIP_LAYER.items():
+                out[f"{hf}{a}.{part}"] = state[f"{oc}{b}.{part}"]
+    return out

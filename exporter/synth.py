@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgesd.errors import InvalidArgumentError
-from edgesd.models.families import get_family, load_configs
+from edgesd.models.families import load_configs, synthetic_config
 
 DTYPES = ("fp32", "fp16")
 
@@ -22,23 +22,33 @@ def build_modules(family_name: str, size: str, seed: int):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    family = get_family(family_name)
-    configs = load_configs(family.config_dir(size))
+    family, folder = synthetic_config(family_name, size)
+    configs = load_configs(folder)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel.from_config(configs["unet"])
     vae = AutoencoderKL.from_config(configs["vae"])
-    text = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
+    # The file carries the text layers the model skips too (SD2's last OpenCLIP layer).
+    text_config = dict(configs["text_encoder"])
+    text_config["num_hidden_layers"] += family.text_layers_unused
+    text = CLIPTextModel(CLIPTextConfig(**text_config))
     return family, configs, unet, vae, text
 
 
 def ldm_state_dict(family, configs, unet, vae, text) -> dict:
-    from edgesd.exporter.ldm_layout import text_to_ldm, unet_to_ldm, vae_to_ldm
+    import torch
+
+    from edgesd.exporter.ldm_layout import text_to_ldm, text_to_open_clip, unet_to_ldm, vae_to_ldm
 
     p = family.ldm_prefixes
     state = {}
     state.update(unet_to_ldm(unet.state_dict(), configs["unet"], p["unet"]))
     state.update(vae_to_ldm(vae.state_dict(), configs["vae"], p["vae"]))
-    state.update(text_to_ldm(text.state_dict(), p["text_encoder"]))
+    if family.text_layout == "open_clip":
+        state.update(text_to_open_clip(text.state_dict(), p["text_encoder"]))
+        width = configs["text_encoder"]["hidden_size"]
+        state[p["text_encoder"] + "text_projection"] = torch.randn(width, width) * width**-0.5
+    else:
+        state.update(text_to_ldm(text.state_dict(), p["text_encoder"]))
     return state
 
 

@@ -9,19 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from edgesd.errors import CheckpointError
-from edgesd.models.families import FAMILIES, PLANNED_FAMILIES, SD1, Family
+from edgesd.models.families import FAMILIES, PLANNED_FAMILIES, SD1, SD2, Family
 
-# Shapes that only the standard SD1.x architecture has (UNet width 320, CLIP ViT-L/14,
-# the f8 VAE). A checkpoint with SD1's layout but other shapes is a custom architecture.
-SD1_STANDARD_SHAPES = {
-    "model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3),
-    "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 768),
-    "model.diffusion_model.out.2.weight": (4, 320, 3, 3),
-    "first_stage_model.encoder.conv_in.weight": (128, 3, 3, 3),
-    "first_stage_model.decoder.conv_out.weight": (3, 128, 3, 3),
-    "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": (49408, 768),
-}
-SD1_INPAINT_CONV_IN = (320, 9, 3, 3)
+CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
 
 
 @dataclass(frozen=True)
@@ -46,38 +36,31 @@ def detect(shapes: dict) -> Detection:
     """Family, variant and whether the architecture is the family's standard one."""
     keys = shapes.keys()
     if not any(k.startswith("model.diffusion_model.") for k in keys):
-        if any(k.startswith(("down_blocks.", "lora_", "unet.")) for k in keys):
+        if any(k.startswith(("down_blocks.", "lora_", "unet.", "lycoris_")) for k in keys):
             raise CheckpointError(
                 "this file holds diffusers-layout or adapter weights, not an LDM single-file "
                 "checkpoint; pass a diffusers model folder, or use the file as an adapter"
             )
-        raise CheckpointError(
-            "not a Stable Diffusion checkpoint: no 'model.diffusion_model.*' UNet weights found"
-        )
+        raise CheckpointError("not a Stable Diffusion checkpoint: no 'model.diffusion_model.*' UNet weights found")
     if any(k.startswith("conditioner.embedders.") for k in keys):
-        raise _unsupported("sdxl")
-    if any(k.startswith("cond_stage_model.model.") for k in keys):
-        raise _unsupported("sd2")
-    if not any(k.startswith(SD1.ldm_prefixes["text_encoder"]) for k in keys):
         raise CheckpointError(
-            "unknown architecture: a UNet without a recognised text encoder "
-            "(expected 'cond_stage_model.transformer.*' for SD1.x)"
+            f"this is a {PLANNED_FAMILIES['sdxl']} checkpoint; edgesd supports {', '.join(FAMILIES)} so far"
+        )
+    family = next((f for f in (SD2, SD1) if any(k.startswith(f.ldm_prefixes["text_encoder"]) for k in keys)), None)
+    if family is None:
+        raise CheckpointError(
+            "unknown architecture: a UNet without a recognised text encoder (expected "
+            "'cond_stage_model.transformer.*' for SD1.x or 'cond_stage_model.model.*' for SD2.x)"
         )
     renamed = normalise_text_keys(keys)
     shapes = {renamed.get(k, k): tuple(v) for k, v in shapes.items()}
-    conv_in = shapes.get("model.diffusion_model.input_blocks.0.0.weight")
+    conv_in = shapes.get(CONV_IN)
     variant = "inpaint" if conv_in is not None and len(conv_in) == 4 and conv_in[1] == 9 else "base"
-    expected = dict(SD1_STANDARD_SHAPES)
+    expected = dict(family.standard_shapes)
     if variant == "inpaint":
-        expected["model.diffusion_model.input_blocks.0.0.weight"] = SD1_INPAINT_CONV_IN
+        expected[CONV_IN] = (expected[CONV_IN][0], 9, *expected[CONV_IN][2:])
     mismatched = [k for k, s in expected.items() if shapes.get(k) != s]
     if mismatched:
         k = mismatched[0]
-        return Detection(SD1, False, variant, f"{k} has shape {shapes.get(k)}, standard SD1.x has {expected[k]}")
-    return Detection(SD1, True, variant, "standard SD1.x shapes")
-
-
-def _unsupported(name: str) -> CheckpointError:
-    return CheckpointError(
-        f"this is a {PLANNED_FAMILIES[name]} checkpoint; edgesd supports {', '.join(FAMILIES)} so far"
-    )
+        return Detection(family, False, variant, f"{k} has shape {shapes.get(k)}, standard {family.title} has {expected[k]}")
+    return Detection(family, True, variant, f"standard {family.title} shapes")

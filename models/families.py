@@ -37,21 +37,28 @@ EXPORTED_CONFIG_FILES = {
 class Family:
     name: str
     title: str
-    standard_config: str  # folder name under models/configs/
-    synthetic_sizes: dict  # builder size -> folder name under models/configs/
+    standard_configs: dict  # prediction type -> folder under models/configs/ (first = default)
+    synthetic: dict  # builder name -> {size: folder under models/configs/}
     ldm_prefixes: dict  # component -> key prefix in an LDM single file
+    standard_shapes: dict  # LDM key -> shape that only the standard architecture has
+    text_layout: str = "clip"  # "clip" (HF CLIP names) or "open_clip" (fused qkv, resblocks)
+    text_layers_unused: int = 0  # trailing text layers in the file that the model skips
     text_encoders: tuple = ("text_encoder",)
     tokenizer_pad_token: str = "<|endoftext|>"
     default_clip_skip: int = 1
     aliases: tuple = field(default_factory=tuple)
 
-    def config_dir(self, size: str | None = None) -> Path:
+    def config_dir(self, size: str | None = None, prediction_type: str | None = None) -> Path:
         """The diffusers-format config folder of the standard (or a synthetic) architecture."""
         if size is None:
-            return CONFIG_ROOT / self.standard_config
-        if size not in self.synthetic_sizes:
-            raise unknown_name(f"size for {self.name}", size, self.synthetic_sizes)
-        return CONFIG_ROOT / self.synthetic_sizes[size]
+            folder = self.standard_configs.get(prediction_type or next(iter(self.standard_configs)))
+            if folder is None:
+                raise unknown_name(f"prediction type for {self.name}", prediction_type, self.standard_configs)
+            return CONFIG_ROOT / folder
+        sizes = self.synthetic[self.name]
+        if size not in sizes:
+            raise unknown_name(f"size for {self.name}", size, sizes)
+        return CONFIG_ROOT / sizes[size]
 
     def components(self, configs: dict) -> list:
         """The ONNX components of this family's folder, sized by `configs` (see load_configs)."""
@@ -65,21 +72,49 @@ class Family:
         ]
 
 
+_UNET, _VAE = "model.diffusion_model.", "first_stage_model."
+_VAE_SHAPES = {_VAE + "encoder.conv_in.weight": (128, 3, 3, 3), _VAE + "decoder.conv_out.weight": (3, 128, 3, 3)}
+
 SD1 = Family(
     name="sd1",
     title="Stable Diffusion 1.x",
-    standard_config="sd1",
-    synthetic_sizes={"tiny": "sd1-tiny", "full": "sd1"},
-    ldm_prefixes={
-        "unet": "model.diffusion_model.",
-        "vae": "first_stage_model.",
-        "text_encoder": "cond_stage_model.transformer.",
+    standard_configs={"epsilon": "sd1"},
+    synthetic={"sd1": {"tiny": "sd1-tiny", "full": "sd1"}},
+    ldm_prefixes={"unet": _UNET, "vae": _VAE, "text_encoder": "cond_stage_model.transformer."},
+    standard_shapes={
+        _UNET + "input_blocks.0.0.weight": (320, 4, 3, 3),
+        _UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 768),
+        _UNET + "out.2.weight": (4, 320, 3, 3),
+        "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": (49408, 768),
+        **_VAE_SHAPES,
     },
     aliases=("sd15", "sd1.5", "sd1.x", "v1"),
 )
 
-FAMILIES = {f.name: f for f in (SD1,)}
-PLANNED_FAMILIES = {"sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL"}
+# SD2's OpenCLIP ViT-H has 24 layers; SD2 conditions on the penultimate one (then ln_final),
+# so the text encoder is built with 23 layers and the file's last layer is skipped.
+SD2 = Family(
+    name="sd2",
+    title="Stable Diffusion 2.x",
+    standard_configs={"epsilon": "sd2", "v_prediction": "sd2-v"},
+    synthetic={"sd2": {"tiny": "sd2-tiny", "full": "sd2"}, "sd2-v": {"tiny": "sd2-v-tiny", "full": "sd2-v"}},
+    ldm_prefixes={"unet": _UNET, "vae": _VAE, "text_encoder": "cond_stage_model.model."},
+    standard_shapes={
+        _UNET + "input_blocks.0.0.weight": (320, 4, 3, 3),
+        _UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 1024),
+        _UNET + "out.2.weight": (4, 320, 3, 3),
+        "cond_stage_model.model.token_embedding.weight": (49408, 1024),
+        "cond_stage_model.model.transformer.resblocks.23.ln_1.weight": (1024,),
+        **_VAE_SHAPES,
+    },
+    text_layout="open_clip",
+    text_layers_unused=1,
+    tokenizer_pad_token="!",
+    aliases=("sd2.x", "sd21", "sd2.1", "sd20", "v2"),
+)
+
+FAMILIES = {f.name: f for f in (SD1, SD2)}
+PLANNED_FAMILIES = {"sdxl": "Stable Diffusion XL"}
 
 
 def get_family(name: str) -> Family:
@@ -88,6 +123,18 @@ def get_family(name: str) -> Family:
         if key == family.name or key in family.aliases:
             return family
     raise unknown_name("model family", name, FAMILIES)
+
+
+def synthetic_config(name: str, size: str) -> tuple:
+    """(family, config folder) of a synthetic-builder name such as "sd1", "sd2" or "sd2-v"."""
+    names = {n: f for f in FAMILIES.values() for n in f.synthetic}
+    family = names.get(str(name).lower())
+    if family is None:
+        raise unknown_name("model family", name, names)
+    sizes = family.synthetic[str(name).lower()]
+    if size not in sizes:
+        raise unknown_name(f"size for {name}", size, sizes)
+    return family, CONFIG_ROOT / sizes[size]
 
 
 def load_configs(folder: str | Path, layout: dict = DIFFUSERS_CONFIG_FILES) -> dict:
@@ -128,7 +175,7 @@ def family_of_configs(configs: dict) -> Family:
         raise _planned("sdxl")
     text = configs.get("text_encoder", {})
     if text.get("hidden_act") == "gelu" or unet.get("cross_attention_dim") == 1024:
-        raise _planned("sd2")
+        return SD2
     return SD1
 
 
