@@ -13,14 +13,14 @@ import shutil
 import uuid
 from pathlib import Path
 
-from edgesd.errors import InvalidArgumentError
+from edgesd.errors import CheckpointError, InvalidArgumentError
 from edgesd.models.families import EXPORTED_CONFIG_FILES
 from edgesd.models.manifest import FORMAT_VERSION, sha256_file, write_manifest
 
 TMP_MARK = ".edgesd-tmp-"
 
 
-def export(source, out, *, config=None, overwrite: bool = False, verify: bool = True,
+def export(source, out, *, config=None, prediction=None, overwrite: bool = False, verify: bool = True,
            progress: bool = True) -> dict:
     """Export `source` to the folder `out`; returns the manifest written."""
     out = Path(out)
@@ -36,7 +36,7 @@ def export(source, out, *, config=None, overwrite: bool = False, verify: bool = 
     tmp = parent / f".{out.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        manifest = build_folder(source, tmp, config=config, verify=verify, progress=progress)
+        manifest = build_folder(source, tmp, config=config, prediction=prediction, verify=verify, progress=progress)
         replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -73,19 +73,22 @@ def replace_folder(new: Path, out: Path) -> None:
         new.rename(out)
 
 
-def build_folder(source, folder: Path, *, config=None, verify=True, progress=True) -> dict:
+def build_folder(source, folder: Path, *, config=None, prediction=None, verify=True, progress=True) -> dict:
     import diffusers
     import onnx
     import torch
     from tqdm.auto import tqdm
 
     from edgesd import __version__
-    from edgesd.exporter.load import load_model
+    from edgesd.exporter.load import load_model, require_exportable
     from edgesd.exporter.onnx_export import OPSET, export_component, verify_component
     from edgesd.exporter.tokenizer_files import write_clip_tokenizer
     from edgesd.models.families import sample_size
 
-    loaded = load_model(source, config)
+    require_exportable(source)
+    loaded = load_model(source, config, prediction)
+    if not loaded.family.exportable:
+        raise CheckpointError(f"{loaded.family.title} models cannot be exported to ONNX yet")
     family, configs = loaded.family, loaded.configs
     specs = family.components(configs)
     components = {}
@@ -108,7 +111,8 @@ def build_folder(source, folder: Path, *, config=None, verify=True, progress=Tru
         if loaded.tokenizer_dir is not None:
             shutil.copytree(loaded.tokenizer_dir, folder / "tokenizer")
         else:
-            write_clip_tokenizer(folder / "tokenizer", pad_token=family.tokenizer_pad_token)
+            for encoder in family.text_encoders:
+                write_clip_tokenizer(folder / encoder.tokenizer, pad_token=encoder.pad_token)
         bar.update()
     manifest = {
         "format_version": FORMAT_VERSION,

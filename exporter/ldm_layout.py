@@ -25,6 +25,9 @@ def unet_module_pairs(config: dict) -> list:
              ("mid_block.resnets.0", "middle_block.0", "resnet"),
              ("mid_block.attentions.0", "middle_block.1", "attention"),
              ("mid_block.resnets.1", "middle_block.2", "resnet")]
+    if config.get("addition_embed_type") == "text_time":  # SDXL's pooled-text + size embedding
+        pairs += [("add_embedding.linear_1", "label_emb.0.0", "plain"),
+                  ("add_embedding.linear_2", "label_emb.0.2", "plain")]
     for i, kind in enumerate(down):
         for j in range(per):
             n = 1 + i * (per + 1) + j
@@ -135,11 +138,16 @@ OPEN_CLIP_QKV = ("q_proj", "k_proj", "v_proj")
 
 
 def text_to_open_clip(state: dict, prefix: str) -> dict:
-    """HF CLIP text weights -> OpenCLIP names (`cond_stage_model.model.*`)."""
+    """HF CLIP text weights -> OpenCLIP names (`cond_stage_model.model.*`); a projection
+    (CLIPTextModelWithProjection) becomes OpenCLIP's transposed `text_projection`."""
     import torch
 
-    state = {text_checkpoint_key(k): v for k, v in state.items() if not k.endswith("position_ids")}
+    projection = state.get("text_projection.weight")
+    state = {text_checkpoint_key(k): v for k, v in state.items()
+             if not k.endswith("position_ids") and k != "text_projection.weight"}
     out = {prefix + OPEN_CLIP_TOP[k]: v for k, v in state.items() if k in OPEN_CLIP_TOP}
+    if projection is not None:
+        out[prefix + "text_projection"] = projection.T.contiguous()
     layers = sorted({int(k.split(".")[3]) for k in state if k.startswith("text_model.encoder.layers.")})
     for i in layers:
         hf, oc = f"text_model.encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
@@ -150,9 +158,12 @@ def text_to_open_clip(state: dict, prefix: str) -> dict:
     return out
 
 
-def open_clip_to_text(state: dict, prefix: str, layers: int) -> dict:
-    """OpenCLIP weights (with `prefix`) -> HF CLIP names, keeping the first `layers` layers."""
+def open_clip_to_text(state: dict, prefix: str, layers: int, projection: bool = False) -> dict:
+    """OpenCLIP weights (with `prefix`) -> HF CLIP names, keeping the first `layers` layers
+    (and the projection, for a CLIPTextModelWithProjection)."""
     out = {hf: state[prefix + oc] for hf, oc in OPEN_CLIP_TOP.items() if prefix + oc in state}
+    if projection:
+        out["text_projection.weight"] = state[prefix + "text_projection"].T.contiguous()
     for i in range(layers):
         hf, oc = f"text_model.encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
         for part in ("weight", "bias"):

@@ -30,20 +30,61 @@ class LoadedModel:
     text_encoder: object
     source: dict = field(default_factory=dict)  # {file, sha256, format}
     tokenizer_dir: Path | None = None  # a tokenizer folder to copy, when the source has one
+    text_encoder_2: object = None  # SDXL's second (OpenCLIP bigG) encoder
 
 
-def load_model(source: str | Path, config: str | Path | None = None) -> LoadedModel:
+PREDICTIONS = {"epsilon": "epsilon", "eps": "epsilon", "v": "v_prediction", "v_prediction": "v_prediction"}
+
+
+def load_model(source: str | Path, config: str | Path | None = None, prediction: str | None = None) -> LoadedModel:
+    """Load `source`; `prediction` ("epsilon" or "v") overrides what configs and a sidecar
+    `.yaml` say (A1111's convention: `parameterization: "v"` in a yaml beside the file)."""
+    if prediction is not None and prediction not in PREDICTIONS:
+        raise InvalidArgumentError(f"unknown prediction type {prediction!r}; valid: epsilon, v")
+    prediction = PREDICTIONS.get(prediction)
     source = check_file(source)
     if source.is_dir():
-        return _load_diffusers_folder(source)
-    if source.suffix.lower() not in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES:
+        loaded = _load_diffusers_folder(source)
+    elif source.suffix.lower() not in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES:
         raise CheckpointError(
             f"{source}: not a checkpoint: expected a .safetensors/.ckpt file or a diffusers folder"
         )
-    return _load_single_file(source, config)
+    else:
+        loaded = _load_single_file(source, config, prediction or sidecar_prediction(source, config))
+    if prediction:
+        loaded.configs["scheduler"] = dict(loaded.configs["scheduler"], prediction_type=prediction)
+    return loaded
 
 
-def _config_source(config: str | Path | None, detection) -> tuple[dict, Path | None]:
+def require_exportable(source: str | Path) -> None:
+    """Refuse, before any weights are read, a model whose family cannot be exported yet."""
+    source = check_file(source)
+    if source.is_dir():
+        family = family_of_configs(load_configs(source))
+    elif source.suffix.lower() in SAFETENSORS_SUFFIXES:
+        family = detect(tensor_shapes(source)[0]).family
+    else:
+        return  # pickles are only readable by loading them; load_model checks after that
+    if not family.exportable:
+        raise CheckpointError(f"{source}: a {family.title} model; edgesd reads its checkpoints but cannot "
+                              f"export {family.title} to ONNX yet (supported: SD1.x, SD2.x)")
+
+
+def sidecar_prediction(checkpoint: Path, config) -> str | None:
+    """v_prediction when the LDM yaml (--config, or NAME.yaml beside NAME.safetensors) says
+    `parameterization: "v"`; epsilon when it names another one; None without a yaml."""
+    import re
+
+    yaml = Path(config) if config and str(config).lower().endswith((".yaml", ".yml")) else checkpoint.with_suffix(".yaml")
+    if not yaml.is_file():
+        return None
+    match = re.search(r"^\s*parameterization:\s*[\"']?(\w+)", yaml.read_text(errors="replace"), re.MULTILINE)
+    if match is None:
+        return "epsilon"
+    return "v_prediction" if match.group(1) == "v" else "epsilon"
+
+
+def _config_source(config: str | Path | None, detection, prediction: str | None) -> tuple[dict, Path | None]:
     """(configs, original yaml or None) for a single-file checkpoint."""
     family = detection.family
     if config is None:
@@ -52,7 +93,8 @@ def _config_source(config: str | Path | None, detection) -> tuple[dict, Path | N
                 f"non-standard {family.title} architecture ({detection.reason}); pass --config "
                 "with a diffusers-format config folder or the model's LDM .yaml"
             )
-        return load_configs(family.config_dir()), None
+        return load_configs(family.config_dir(prediction_type=prediction if prediction in family.standard_configs
+                                              else None)), None
     config = Path(config)
     if config.is_dir():
         configs = load_configs(config)
@@ -68,13 +110,13 @@ def _config_source(config: str | Path | None, detection) -> tuple[dict, Path | N
     raise InvalidArgumentError(f"--config {config}: expected a diffusers config folder or an LDM .yaml file")
 
 
-def _load_single_file(path: Path, config) -> LoadedModel:
+def _load_single_file(path: Path, config, prediction: str | None) -> LoadedModel:
     import torch  # noqa: F401  (fail early with the import error if the extra is missing)
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     shapes, state = tensor_shapes(path)
     detection = detect(shapes)
-    configs, yaml = _config_source(config, detection)
+    configs, yaml = _config_source(config, detection, prediction)
     if state is None:
         state = load_state_dict(path)
     state.update({new: state.pop(old) for old, new in normalise_text_keys(list(state)).items()})
@@ -97,9 +139,10 @@ def _load_single_file(path: Path, config) -> LoadedModel:
 
     unet = build(UNet2DConditionModel, "unet")
     vae = build(AutoencoderKL, "vae")
-    text = _build_text_encoder(take(prefixes["text_encoder"]), configs["text_encoder"], path)
-    return LoadedModel(detection.family, detection.variant, configs, unet, vae, text,
-                       source={"file": path.name, "sha256": sha256_file(path), "format": "ldm-single-file"})
+    texts = [_build_text_encoder(take(e.prefix), configs[e.name], path, e) for e in detection.family.text_encoders]
+    return LoadedModel(detection.family, detection.variant, configs, unet, vae, texts[0],
+                       source={"file": path.name, "sha256": sha256_file(path), "format": "ldm-single-file"},
+                       text_encoder_2=texts[1] if len(texts) > 1 else None)
 
 
 _CONFIG_FOLDERS: dict = {}
@@ -120,14 +163,24 @@ def _config_folder(configs: dict, component: str) -> Path:
     return _CONFIG_FOLDERS[key]
 
 
-def _build_text_encoder(part: dict, config: dict, path: Path):
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _build_text_encoder(part: dict, config: dict, path: Path, encoder):
+    from edgesd.exporter.ldm_layout import open_clip_to_text, text_module_key
+    from edgesd.exporter.synth import text_model
 
-    from edgesd.exporter.ldm_layout import text_module_key
-
-    prefix = "cond_stage_model.transformer."
-    model = CLIPTextModel(CLIPTextConfig(**config))
+    prefix = encoder.prefix
+    model = text_model(config, encoder)
     expected = {k for k in model.state_dict() if not k.endswith("position_ids")}
+    if encoder.layout == "open_clip":
+        layers = config["num_hidden_layers"]
+        in_file = {int(k[len(prefix):].split(".")[2]) for k in part if k.startswith(prefix + "transformer.resblocks.")}
+        if len(in_file) != layers + encoder.layers_unused:
+            raise CheckpointError(f"{path}: the text encoder has {len(in_file)} layers; its config expects "
+                                  f"{layers + encoder.layers_unused}")
+        try:
+            part = open_clip_to_text(part, prefix, layers, encoder.projection)
+        except KeyError as e:
+            raise CheckpointError(f"{path}: text encoder weight {e.args[0]!r} is missing") from None
+        prefix = ""
     weights = {text_module_key(k[len(prefix):], expected): v for k, v in part.items() if not k.endswith("position_ids")}
     missing, unexpected = expected - weights.keys(), weights.keys() - expected
     if missing or unexpected:
@@ -142,7 +195,7 @@ def _build_text_encoder(part: dict, config: dict, path: Path):
 
 def _load_diffusers_folder(folder: Path) -> LoadedModel:
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     if not (folder / "model_index.json").is_file() or not (folder / "unet").is_dir():
         raise CheckpointError(f"{folder}: not a diffusers model folder (no model_index.json / unet/)")
@@ -151,14 +204,17 @@ def _load_diffusers_folder(folder: Path) -> LoadedModel:
     try:
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True)
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True)
-        text = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True)
+        texts = [(CLIPTextModelWithProjection if e.projection else CLIPTextModel).from_pretrained(
+            folder, subfolder=e.name, local_files_only=True).eval() for e in family.text_encoders]
     except (OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{folder}: cannot load the diffusers model ({_first_line(e)})") from None
+    text = texts[0]
     variant = "inpaint" if configs["unet"]["in_channels"] == 9 else "base"
     weights = sorted(p for p in (folder / "unet").iterdir() if p.suffix in (".safetensors", ".bin"))
     source = {"file": folder.name, "sha256": sha256_file(weights[0]) if weights else "", "format": "diffusers-folder"}
     tokenizer = folder / "tokenizer" if (folder / "tokenizer" / "vocab.json").is_file() else None
-    return LoadedModel(family, variant, configs, unet.eval(), vae.eval(), text.eval(), source, tokenizer)
+    return LoadedModel(family, variant, configs, unet.eval(), vae.eval(), text, source, tokenizer,
+                       text_encoder_2=texts[1] if len(texts) > 1 else None)
 
 
 def _first_line(e: Exception) -> str:

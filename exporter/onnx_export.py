@@ -16,7 +16,6 @@ import numpy as np
 from edgesd.errors import ExportError
 
 OPSET = 17
-TWO_GB = 2**31
 EXTERNAL_DATA = "model.onnx_data"
 FP32_TOLERANCE = 1e-3  # max abs error relative to the output's max magnitude
 
@@ -39,18 +38,53 @@ def export_component(spec, model, configs: dict, folder: Path, *, opset: int = O
         torch.onnx.export(graph, tuple(inputs), str(traced), dynamo=False, opset_version=opset,
                           input_names=spec.input_names, output_names=spec.output_names,
                           dynamic_axes=spec.dynamic_axes(), do_constant_folding=True)
-    # Re-save so that weights are either inline (< 2 GB) or in one model.onnx_data file,
-    # whatever the tracer chose (it writes one file per tensor for big models).
-    proto = onnx.load(str(traced), load_external_data=True)
+    # The graph proto is loaded without its weights: a traced model over 2 GB comes with one
+    # file per tensor, which are streamed into a single model.onnx_data, never all in memory.
+    proto = onnx.load(str(traced), load_external_data=False)
     path = target / "model.onnx"
-    if proto.ByteSize() >= TWO_GB or _has_external_data(scratch):
-        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=EXTERNAL_DATA, size_threshold=1024)
-    else:
-        onnx.save_model(proto, str(path))
+    if _has_external_data(scratch):
+        consolidate_external_data(proto, scratch, target / EXTERNAL_DATA)
+    onnx.save_model(proto, str(path))
     del proto
     shutil.rmtree(scratch)
     return path
+
+
+def consolidate_external_data(proto, source: Path, data_file: Path, align: int = 4096) -> None:
+    """Copy every external tensor of `proto` (files under `source`) into `data_file`.
+
+    Offsets are page-aligned so onnxruntime can memory-map the weights; the proto's
+    external-data entries are rewritten to point into the new file.
+    """
+    from onnx import TensorProto
+
+    offset = 0
+    with open(data_file, "wb") as out:
+        for tensor in _all_tensors(proto.graph):
+            if tensor.data_location != TensorProto.EXTERNAL:
+                continue
+            info = {e.key: e.value for e in tensor.external_data}
+            start, length = int(info.get("offset", 0)), info.get("length")
+            with open(source / info["location"], "rb") as f:
+                f.seek(start)
+                data = f.read() if length is None else f.read(int(length))
+            padding = (-offset) % align
+            out.write(b"\0" * padding)
+            offset += padding
+            out.write(data)
+            del tensor.external_data[:]
+            for key, value in (("location", data_file.name), ("offset", str(offset)), ("length", str(len(data)))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            offset += len(data)
+
+
+def _all_tensors(graph):
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
 
 
 def _has_external_data(folder: Path) -> bool:

@@ -17,24 +17,31 @@ DTYPES = ("fp32", "fp16")
 
 
 def build_modules(family_name: str, size: str, seed: int):
-    """(configs, unet, vae, text_encoder) with seeded random weights."""
+    """(family, configs, unet, vae, texts) with seeded random weights; `texts` holds one
+    text model per family text encoder, in order."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     family, folder = synthetic_config(family_name, size)
     configs = load_configs(folder)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel.from_config(configs["unet"])
     vae = AutoencoderKL.from_config(configs["vae"])
-    # The file carries the text layers the model skips too (SD2's last OpenCLIP layer).
-    text_config = dict(configs["text_encoder"])
-    text_config["num_hidden_layers"] += family.text_layers_unused
-    text = CLIPTextModel(CLIPTextConfig(**text_config))
-    return family, configs, unet, vae, text
+    # The file carries the text layers a model skips too (SD2's last OpenCLIP layer).
+    texts = tuple(text_model(configs[e.name], e, extra_layers=e.layers_unused) for e in family.text_encoders)
+    return family, configs, unet, vae, texts
 
 
-def ldm_state_dict(family, configs, unet, vae, text) -> dict:
+def text_model(config: dict, encoder, extra_layers: int = 0):
+    """An HF CLIP text model (with projection where the encoder has one) from `config`."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = dict(config, num_hidden_layers=config["num_hidden_layers"] + extra_layers)
+    cls = CLIPTextModelWithProjection if encoder.projection else CLIPTextModel
+    return cls(CLIPTextConfig(**config))
+
+
+def ldm_state_dict(family, configs, unet, vae, texts) -> dict:
     import torch
 
     from edgesd.exporter.ldm_layout import text_to_ldm, text_to_open_clip, unet_to_ldm, vae_to_ldm
@@ -43,12 +50,14 @@ def ldm_state_dict(family, configs, unet, vae, text) -> dict:
     state = {}
     state.update(unet_to_ldm(unet.state_dict(), configs["unet"], p["unet"]))
     state.update(vae_to_ldm(vae.state_dict(), configs["vae"], p["vae"]))
-    if family.text_layout == "open_clip":
-        state.update(text_to_open_clip(text.state_dict(), p["text_encoder"]))
-        width = configs["text_encoder"]["hidden_size"]
-        state[p["text_encoder"] + "text_projection"] = torch.randn(width, width) * width**-0.5
-    else:
-        state.update(text_to_ldm(text.state_dict(), p["text_encoder"]))
+    for encoder, text in zip(family.text_encoders, texts):
+        if encoder.layout == "clip":
+            state.update(text_to_ldm(text.state_dict(), encoder.prefix))
+            continue
+        state.update(text_to_open_clip(text.state_dict(), encoder.prefix))
+        if not encoder.projection:  # OpenCLIP files carry a projection even where SD ignores it
+            width = configs[encoder.name]["hidden_size"]
+            state[encoder.prefix + "text_projection"] = torch.randn(width, width) * width**-0.5
     return state
 
 
@@ -62,9 +71,9 @@ def write_synthetic_checkpoint(family_name: str, size: str, out: str | Path, *, 
     out = Path(out)
     if out.suffix not in (".safetensors", ".ckpt"):
         raise InvalidArgumentError(f"{out}: the output must end in .safetensors or .ckpt")
-    family, configs, unet, vae, text = build_modules(family_name, size, seed)
-    state = ldm_state_dict(family, configs, unet, vae, text)
-    del unet, vae, text
+    family, configs, unet, vae, texts = build_modules(family_name, size, seed)
+    state = ldm_state_dict(family, configs, unet, vae, texts)
+    del unet, vae, texts
     torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
     state = {k: v.detach().to(torch_dtype).contiguous() for k, v in state.items()}
     out.parent.mkdir(parents=True, exist_ok=True)

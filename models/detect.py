@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from edgesd.errors import CheckpointError
-from edgesd.models.families import FAMILIES, PLANNED_FAMILIES, SD1, SD2, Family
+from edgesd.models.families import SD1, SD2, SDXL, Family
 
 CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
 
@@ -24,7 +24,7 @@ class Detection:
 
 def normalise_text_keys(keys) -> dict:
     """Old SD1 checkpoints lack the `text_model.` level in the text-encoder keys."""
-    prefix = SD1.ldm_prefixes["text_encoder"]
+    prefix = SD1.text_encoders[0].prefix
     out = {}
     for k in keys:
         if k.startswith(prefix) and not k.startswith(prefix + "text_model."):
@@ -42,15 +42,12 @@ def detect(shapes: dict) -> Detection:
                 "checkpoint; pass a diffusers model folder, or use the file as an adapter"
             )
         raise CheckpointError("not a Stable Diffusion checkpoint: no 'model.diffusion_model.*' UNet weights found")
-    if any(k.startswith("conditioner.embedders.") for k in keys):
-        raise CheckpointError(
-            f"this is a {PLANNED_FAMILIES['sdxl']} checkpoint; edgesd supports {', '.join(FAMILIES)} so far"
-        )
-    family = next((f for f in (SD2, SD1) if any(k.startswith(f.ldm_prefixes["text_encoder"]) for k in keys)), None)
+    family = next((f for f in (SDXL, SD2, SD1) if any(k.startswith(f.text_encoders[-1].prefix) for k in keys)), None)
     if family is None:
         raise CheckpointError(
             "unknown architecture: a UNet without a recognised text encoder (expected "
-            "'cond_stage_model.transformer.*' for SD1.x or 'cond_stage_model.model.*' for SD2.x)"
+            "'cond_stage_model.transformer.*' for SD1.x, 'cond_stage_model.model.*' for SD2.x or "
+            "'conditioner.embedders.*' for SDXL)"
         )
     renamed = normalise_text_keys(keys)
     shapes = {renamed.get(k, k): tuple(v) for k, v in shapes.items()}

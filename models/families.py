@@ -23,14 +23,32 @@ DIFFUSERS_CONFIG_FILES = {
     "unet": "unet/config.json",
     "vae": "vae/config.json",
     "text_encoder": "text_encoder/config.json",
+    "text_encoder_2": "text_encoder_2/config.json",
     "scheduler": "scheduler/scheduler_config.json",
 }
 EXPORTED_CONFIG_FILES = {
     "unet": ("unet/config.json",),
     "vae": ("vae_decoder/config.json", "vae_encoder/config.json"),
     "text_encoder": ("text_encoder/config.json",),
+    "text_encoder_2": ("text_encoder_2/config.json",),
     "scheduler": ("scheduler/scheduler_config.json",),
 }
+
+
+@dataclass(frozen=True)
+class TextEncoder:
+    """One text encoder of a family and where its weights sit in an LDM single file."""
+
+    name: str  # component / folder name: "text_encoder" or "text_encoder_2"
+    prefix: str  # LDM key prefix
+    layout: str = "clip"  # "clip" (HF CLIP names) or "open_clip" (fused qkv, resblocks)
+    layers_unused: int = 0  # trailing layers in the file that the model skips (SD2's last one)
+    projection: bool = False  # CLIPTextModelWithProjection (SDXL's OpenCLIP bigG)
+    pad_token: str = "<|endoftext|>"  # OpenCLIP pads with "!" (id 0)
+
+    @property
+    def tokenizer(self) -> str:
+        return self.name.replace("text_encoder", "tokenizer")
 
 
 @dataclass(frozen=True)
@@ -39,12 +57,10 @@ class Family:
     title: str
     standard_configs: dict  # prediction type -> folder under models/configs/ (first = default)
     synthetic: dict  # builder name -> {size: folder under models/configs/}
-    ldm_prefixes: dict  # component -> key prefix in an LDM single file
+    ldm_prefixes: dict  # "unet" / "vae" -> key prefix in an LDM single file
     standard_shapes: dict  # LDM key -> shape that only the standard architecture has
-    text_layout: str = "clip"  # "clip" (HF CLIP names) or "open_clip" (fused qkv, resblocks)
-    text_layers_unused: int = 0  # trailing text layers in the file that the model skips
-    text_encoders: tuple = ("text_encoder",)
-    tokenizer_pad_token: str = "<|endoftext|>"
+    text_encoders: tuple  # TextEncoder, in conditioning order
+    exportable: bool = True  # ONNX graphs and runtime conditioning exist for it
     default_clip_skip: int = 1
     aliases: tuple = field(default_factory=tuple)
 
@@ -80,7 +96,8 @@ SD1 = Family(
     title="Stable Diffusion 1.x",
     standard_configs={"epsilon": "sd1"},
     synthetic={"sd1": {"tiny": "sd1-tiny", "full": "sd1"}},
-    ldm_prefixes={"unet": _UNET, "vae": _VAE, "text_encoder": "cond_stage_model.transformer."},
+    ldm_prefixes={"unet": _UNET, "vae": _VAE},
+    text_encoders=(TextEncoder("text_encoder", "cond_stage_model.transformer."),),
     standard_shapes={
         _UNET + "input_blocks.0.0.weight": (320, 4, 3, 3),
         _UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 768),
@@ -98,7 +115,8 @@ SD2 = Family(
     title="Stable Diffusion 2.x",
     standard_configs={"epsilon": "sd2", "v_prediction": "sd2-v"},
     synthetic={"sd2": {"tiny": "sd2-tiny", "full": "sd2"}, "sd2-v": {"tiny": "sd2-v-tiny", "full": "sd2-v"}},
-    ldm_prefixes={"unet": _UNET, "vae": _VAE, "text_encoder": "cond_stage_model.model."},
+    ldm_prefixes={"unet": _UNET, "vae": _VAE},
+    text_encoders=(TextEncoder("text_encoder", "cond_stage_model.model.", "open_clip", layers_unused=1, pad_token="!"),),
     standard_shapes={
         _UNET + "input_blocks.0.0.weight": (320, 4, 3, 3),
         _UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 1024),
@@ -107,14 +125,33 @@ SD2 = Family(
         "cond_stage_model.model.transformer.resblocks.23.ln_1.weight": (1024,),
         **_VAE_SHAPES,
     },
-    text_layout="open_clip",
-    text_layers_unused=1,
-    tokenizer_pad_token="!",
     aliases=("sd2.x", "sd21", "sd2.1", "sd20", "v2"),
 )
 
-FAMILIES = {f.name: f for f in (SD1, SD2)}
-PLANNED_FAMILIES = {"sdxl": "Stable Diffusion XL"}
+# SDXL base: CLIP ViT-L (HF names) and OpenCLIP bigG (fused qkv, with text_projection);
+# the UNet adds a pooled-text + size/crop embedding (`label_emb`).
+SDXL = Family(
+    name="sdxl",
+    title="Stable Diffusion XL",
+    standard_configs={"epsilon": "sdxl"},
+    synthetic={"sdxl": {"tiny": "sdxl-tiny", "full": "sdxl"}},
+    ldm_prefixes={"unet": _UNET, "vae": _VAE},
+    standard_shapes={
+        _UNET + "input_blocks.0.0.weight": (320, 4, 3, 3),
+        _UNET + "label_emb.0.0.weight": (1280, 2816),
+        _UNET + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": (640, 2048),
+        "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": (49408, 768),
+        "conditioner.embedders.1.model.token_embedding.weight": (49408, 1280),
+        **_VAE_SHAPES,
+    },
+    text_encoders=(TextEncoder("text_encoder", "conditioner.embedders.0.transformer."),
+                   TextEncoder("text_encoder_2", "conditioner.embedders.1.model.", "open_clip", projection=True,
+                               pad_token="!")),
+    exportable=False,  # checkpoints load (LDM layout both ways); graphs and runtime are to come
+    aliases=("sdxl1.0", "xl"),
+)
+
+FAMILIES = {f.name: f for f in (SD1, SD2, SDXL)}
 
 
 def get_family(name: str) -> Family:
@@ -172,16 +209,8 @@ def family_of_configs(configs: dict) -> Family:
     """Recognise the family of a diffusers-format folder from its UNet config."""
     unet = configs.get("unet", {})
     if unet.get("addition_embed_type") == "text_time":
-        raise _planned("sdxl")
+        return SDXL
     text = configs.get("text_encoder", {})
     if text.get("hidden_act") == "gelu" or unet.get("cross_attention_dim") == 1024:
         return SD2
     return SD1
-
-
-def _planned(name: str):
-    from edgesd.errors import CheckpointError
-
-    return CheckpointError(
-        f"this is a {PLANNED_FAMILIES[name]} model; edgesd supports {', '.join(FAMILIES)} so far"
-    )

@@ -40,7 +40,8 @@ def cmd_export(args):
     need_exporter()
     from edgesd.exporter.export import export
 
-    manifest = export(args.source, args.output, config=args.config, overwrite=args.overwrite,
+    manifest = export(args.source, args.output, config=args.config, prediction=args.prediction,
+                      overwrite=args.overwrite,
                       verify=not args.no_verify, progress=not args.quiet)
     errors = {k: v.get("verification", {}).get("relative_error") for k, v in manifest["components"].items()}
     print(f"exported {manifest['family']} ({manifest['variant']}, {manifest['prediction_type']}) to {args.output}")
@@ -139,13 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="LDM single file (.safetensors/.ckpt) or diffusers folder")
     p.add_argument("-o", "--output", required=True, help="model folder to write")
     p.add_argument("--config", help="diffusers-format config folder or LDM .yaml, for non-standard architectures")
+    p.add_argument("--prediction", choices=["epsilon", "v"],
+                   help="the model's prediction type, when neither its configs nor a .yaml beside it say")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-verify", action="store_true", help="skip the numerical check against torch")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("synth", help="write a synthetic checkpoint with seeded random weights (LDM layout)")
-    p.add_argument("family", help="model family, e.g. sd1")
+    p.add_argument("family", help="sd1, sd2 or sd2-v")
     p.add_argument("--size", default="tiny", help="tiny (tests) or full (real shapes)")
     p.add_argument("-o", "--output", required=True, help=".safetensors or .ckpt file to write")
     p.add_argument("--seed", type=int, default=0)

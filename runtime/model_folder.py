@@ -43,6 +43,8 @@ class ModelFolder:
         if missing:
             raise ModelFolderError(f"{path}: not an exported model folder (missing configs: {', '.join(missing)})")
         family = get_family(manifest["family"]) if manifest else family_of_configs(configs)
+        if not family.exportable:
+            raise ModelFolderError(f"{path}: a {family.title} folder; the runtime does not run {family.title} yet")
         specs = {s.name: s for s in family.components(configs)}
         for name in REQUIRED_COMPONENTS:
             if not (path / specs[name].path).is_file():

@@ -15,7 +15,7 @@ def test_synthetic_checkpoint_is_a_real_ldm_layout(tiny_checkpoint, reference_pi
     """diffusers' own single-file loader reads our synthetic file back to the same weights."""
     from edgesd.exporter.synth import build_modules
 
-    _, _, unet, vae, text = build_modules("sd1", "tiny", 0)
+    _, _, unet, vae, (text,) = build_modules("sd1", "tiny", 0)
     for ours, theirs in ((unet, reference_pipeline.unet), (vae, reference_pipeline.vae),
                          (text, reference_pipeline.text_encoder)):
         a, b = ours.state_dict(), theirs.state_dict()
@@ -193,3 +193,34 @@ def test_runtime_tokenizer_matches_transformers(tiny_export):
     for p in PROMPTS:
         expected = theirs(p, padding="max_length", max_length=77, truncation=True).input_ids
         assert ours.pad(ours.encode(p)) == expected, p
+
+
+def test_per_tensor_external_data_is_consolidated_into_one_file(tiny_export, tmp_path):
+    """What the tracer writes for graphs over 2 GB (one file per tensor) becomes one
+    page-aligned model.onnx_data that onnxruntime loads to the same results."""
+    import onnx
+    import onnxruntime as ort
+
+    from edgesd.exporter.onnx_export import EXTERNAL_DATA, consolidate_external_data
+
+    scattered = tmp_path / "scattered"
+    scattered.mkdir()
+    proto = onnx.load(str(tiny_export / "unet" / "model.onnx"))
+    onnx.save_model(proto, str(scattered / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=False,
+                    size_threshold=256)
+    assert len(list(scattered.iterdir())) > 10
+    target = tmp_path / "unet"
+    target.mkdir()
+    light = onnx.load(str(scattered / "model.onnx"), load_external_data=False)
+    consolidate_external_data(light, scattered, target / EXTERNAL_DATA)
+    onnx.save_model(light, str(target / "model.onnx"))
+    assert sorted(p.name for p in target.iterdir()) == ["model.onnx", EXTERNAL_DATA]
+    offsets = [int(e.value) for t in light.graph.initializer for e in t.external_data if e.key == "offset"]
+    assert offsets and all(o % 4096 == 0 for o in offsets)
+
+    rng = np.random.default_rng(0)
+    feed = {"sample": rng.standard_normal((1, 4, 8, 8), dtype=np.float32), "timestep": np.array(321.5, np.float32),
+            "encoder_hidden_states": rng.standard_normal((1, 77, 32), dtype=np.float32)}
+    a = ort.InferenceSession(str(tiny_export / "unet" / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, feed)
+    b = ort.InferenceSession(str(target / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, feed)
+    np.testing.assert_array_equal(a[0], b[0])

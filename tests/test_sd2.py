@@ -114,7 +114,7 @@ def test_flag_overrides_prediction(sd2_model):
         load_model(ckpt, config, "x0")
 
 
-@pytest.mark.parametrize("name,family", [("sd1", "sd1"), ("sd2", "sd2"), ("sd2-v", "sd2")])
+@pytest.mark.parametrize("name,family", [("sd1", "sd1"), ("sd2", "sd2"), ("sd2-v", "sd2"), ("sdxl", "sdxl")])
 def test_full_size_layouts_are_detected_as_standard(name, family):
     """The full-size synthetic layouts (built on torch's meta device: shapes only) are
     recognised as the standard architecture of their family, no --config needed."""
@@ -124,10 +124,40 @@ def test_full_size_layouts_are_detected_as_standard(name, family):
     from edgesd.models import detect
 
     with torch.device("meta"):
-        fam, configs, unet, vae, text = build_modules(name, "full", 0)
-        state = ldm_state_dict(fam, configs, unet, vae, text)
+        fam, configs, unet, vae, texts = build_modules(name, "full", 0)
+        state = ldm_state_dict(fam, configs, unet, vae, texts)
     detection = detect({k: tuple(v.shape) for k, v in state.items()})
     assert (detection.family.name, detection.standard, detection.variant) == (family, True, "base")
     inpaint = {k: tuple(v.shape) for k, v in state.items()}
     inpaint["model.diffusion_model.input_blocks.0.0.weight"] = (320, 9, 3, 3)
     assert detect(inpaint).variant == "inpaint"
+
+
+def test_sdxl_layout_round_trips_and_is_refused_for_export(workdir, tmp_path):
+    """SDXL checkpoints are read (both text encoders, label_emb) exactly as diffusers'
+    converters read them; exporting them is refused by name until the graphs exist."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from safetensors.torch import load_file
+
+    from edgesd.errors import CheckpointError
+    from edgesd.exporter.export import export
+    from edgesd.exporter.load import load_model
+    from edgesd.exporter.synth import build_modules, write_synthetic_checkpoint
+    from edgesd.models.families import synthetic_config
+
+    ckpt = write_synthetic_checkpoint("sdxl", "tiny", workdir / "sdxl.safetensors", seed=4)
+    _, config = synthetic_config("sdxl", "tiny")
+    loaded = load_model(ckpt, config)
+    _, _, unet, vae, texts = build_modules("sdxl", "tiny", 4)
+    for ours, built in ((loaded.unet, unet), (loaded.vae, vae), (loaded.text_encoder, texts[0]),
+                        (loaded.text_encoder_2, texts[1])):
+        a = {k: v for k, v in ours.state_dict().items() if not k.endswith("position_ids")}
+        b = {k: v for k, v in built.state_dict().items() if not k.endswith("position_ids")}
+        assert a.keys() == b.keys() and all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+    theirs = convert_open_clip_checkpoint(loaded.text_encoder_2, load_file(str(ckpt)),
+                                          prefix="conditioner.embedders.1.model.")
+    ours = loaded.text_encoder_2.state_dict()
+    assert all(np.array_equal(theirs[k].numpy(), ours[k].numpy()) for k in theirs)
+    with pytest.raises(CheckpointError, match="Stable Diffusion XL"):
+        export(ckpt, tmp_path / "xl", config=config, progress=False)
+    assert not (tmp_path / "xl").exists()

@@ -1,0 +1,183 @@
+"""Side-by-side speed and memory: edgesd vs optimum-ORT vs diffusers-torch (vs sd.cpp).
+
+Full-size SD1.5 architecture with seeded random weights (built once and cached), Euler,
+CFG 7, batch 1, warm runs; each system runs in its own process, systems alternate, several
+repetitions; medians and ratios are printed (and written to docs/ with --write-docs).
+
+    python benchmarks/compare.py --sizes 256 --repeats 3
+    python benchmarks/compare.py --optimum-python /path/to/venv-with-optimum/bin/python
+
+Peers that are not installed are skipped and reported as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+def cache_dir(args) -> Path:
+    path = Path(args.cache or Path.home() / ".cache" / "edgesd" / "bench")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def prepare(args) -> dict:
+    """Checkpoint, edgesd export, diffusers folder and optimum export — each built once."""
+    from edgesd.exporter.export import export
+    from edgesd.exporter.synth import write_synthetic_checkpoint
+
+    cache = cache_dir(args)
+    paths = {"checkpoint": cache / "sd15-synthetic.safetensors", "edgesd": cache / "edgesd-onnx",
+             "diffusers": cache / "diffusers", "optimum": cache / "optimum-onnx"}
+    if not paths["checkpoint"].exists():
+        print("building the full-size synthetic checkpoint ...", flush=True)
+        write_synthetic_checkpoint("sd1", "full", paths["checkpoint"], seed=0, dtype="fp16")
+    if not paths["edgesd"].exists():
+        print("exporting with edgesd ...", flush=True)
+        export(paths["checkpoint"], paths["edgesd"], progress=True)
+    if not paths["diffusers"].exists():
+        print("writing the diffusers folder ...", flush=True)
+        write_diffusers_folder(paths["checkpoint"], paths["diffusers"])
+    if args.optimum_python and not paths["optimum"].exists():
+        print("exporting with optimum ...", flush=True)
+        subprocess.run([args.optimum_python, "-m", "optimum.commands.optimum_cli", "export", "onnx", "--model",
+                        str(paths["diffusers"]), "--task", "text-to-image", str(paths["optimum"])], check=True)
+    return paths
+
+
+def write_diffusers_folder(checkpoint: Path, out: Path) -> None:
+    import tempfile
+
+    from diffusers import StableDiffusionPipeline
+
+    from edgesd.exporter.tokenizer_files import write_clip_tokenizer
+    from edgesd.models.families import get_family
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "config"
+        shutil.copytree(get_family("sd1").config_dir(), config)
+        write_clip_tokenizer(config / "tokenizer")
+        pipe = StableDiffusionPipeline.from_single_file(str(checkpoint), config=str(config), local_files_only=True,
+                                                        safety_checker=None, requires_safety_checker=False)
+        pipe.save_pretrained(out, safe_serialization=True)
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """The machine's float32 GEMM throughput, measured with numpy (the physical limit on CPU)."""
+    import numpy as np
+
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    b = a.copy()
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def unet_gflop(diffusers_dir: Path, size: int) -> float:
+    """FLOPs of one CFG-batched UNet call (batch 2), counted by torch's FLOP counter."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    unet = UNet2DConditionModel.from_pretrained(diffusers_dir, subfolder="unet", local_files_only=True).eval()
+    latent = size // 8
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        unet(torch.zeros(2, 4, latent, latent), torch.tensor(500.0), torch.zeros(2, 77, 768))
+    return counter.get_total_flops() / 1e9
+
+
+def run_system(system: str, python: str, model: Path, args, size: int) -> dict | None:
+    cmd = [python, str(HERE / "run_one.py"), system, str(model), "--size", str(size), "--steps", str(args.steps),
+           "--cfg", "7", "--threads", str(args.threads)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    print(f"  {system} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--cache", help="where models are built (default ~/.cache/edgesd/bench)")
+    parser.add_argument("--optimum-python", help="python of an environment with optimum-onnx installed")
+    parser.add_argument("--sdcpp-python", help="python of an environment with stable-diffusion-cpp-python")
+    parser.add_argument("--skip-diffusers", action="store_true")
+    parser.add_argument("--write-docs", action="store_true", help="write docs/benchmarks.md")
+    args = parser.parse_args()
+
+    paths = prepare(args)
+    systems = {"edgesd": (sys.executable, paths["edgesd"])}
+    if args.optimum_python:
+        systems["optimum"] = (args.optimum_python, paths["optimum"])
+    if not args.skip_diffusers:
+        systems["diffusers"] = (sys.executable, paths["diffusers"])
+    if args.sdcpp_python:
+        systems["sdcpp"] = (args.sdcpp_python, paths["checkpoint"])
+    peak = matmul_peak_gflops()
+    lines = [f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+             f"Python {platform.python_version()}; numpy float32 matmul peak {peak:.0f} GFLOP/s", ""]
+    for size in args.sizes:
+        runs = {s: [] for s in systems}
+        for rep in range(args.repeats):
+            order = list(systems) if rep % 2 == 0 else list(reversed(systems))
+            for system in order:
+                python, model = systems[system]
+                result = run_system(system, python, model, args, size)
+                if result:
+                    runs[system].append(result)
+                    print(f"  {size}px rep {rep + 1} {system}: {result['wall_s']:.2f} s, "
+                          f"{result['peak_rss_mb']:.0f} MB", flush=True)
+        lines += report(size, runs, peak, unet_gflop(paths["diffusers"], size), args)
+    text = "\n".join(lines)
+    print(text)
+    if args.write_docs:
+        (ROOT / "docs" / "benchmarks.md").write_text("# Benchmarks\n\n" + text + "\n")
+
+
+def report(size: int, runs: dict, peak: float, gflop: float, args) -> list:
+    med = {s: {k: statistics.median(r[k] for r in rs) for k in rs[0] if isinstance(rs[0][k], float)}
+           for s, rs in runs.items() if rs}
+    lines = [f"## {size}x{size}, {args.steps} Euler steps, CFG 7, batch 1 ({args.repeats} runs each, medians)", "",
+             "| system | wall s | peak RSS MB | edgesd speed-up |", "|---|---|---|---|"]
+    ours = med.get("edgesd")
+    for system, m in med.items():
+        ratio = f"{m['wall_s'] / ours['wall_s']:.2f}x" if ours and system != "edgesd" else "—"
+        lines.append(f"| {system} | {m['wall_s']:.2f} | {m['peak_rss_mb']:.0f} | {ratio} |")
+    if ours:
+        lines += ["", f"edgesd stages: text encoder {ours['text_encoder_s']:.2f} s, UNet {ours['unet_step_s']:.2f} s/step, "
+                      f"VAE decode {ours['vae_s']:.2f} s; runtime overhead (outside session.run) "
+                      f"{ours['overhead_s'] * 1e3:.0f} ms = {100 * ours['overhead_s'] / ours['wall_s']:.2f}% of wall",
+                  f"UNet: {gflop:.0f} GFLOP per CFG call -> {gflop / ours['unet_step_s']:.0f} GFLOP/s "
+                  f"= {100 * gflop / ours['unet_step_s'] / peak:.0f}% of the matmul peak", ""]
+    for system in runs:
+        if not runs[system]:
+            lines.append(f"{system}: no successful run")
+    return lines
+
+
+if __name__ == "__main__":
+    main()
