@@ -145,5 +145,5 @@ def write_configs(folder: Path, configs: dict, loaded) -> None:
     index.pop("vae", None)
     dump("model_index.json", index)
     for component, rels in EXPORTED_CONFIG_FILES.items():
-        for rel in rels:
+        for rel in rels if component in configs else ():
             dump(rel, configs[component])
