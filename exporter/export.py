@@ -21,8 +21,17 @@ TMP_MARK = ".edgesd-tmp-"
 
 
 def export(source, out, *, config=None, prediction=None, overwrite: bool = False, verify: bool = True,
-           progress: bool = True) -> dict:
-    """Export `source` to the folder `out`; returns the manifest written."""
+           progress: bool = True, loras=(), hypernetworks=(), lenient: bool = False) -> dict:
+    """Export `source` to the folder `out`; returns the manifest written.
+
+    `loras` (`FILE[:UNET_W[:TE_W]]` or LoraArg) are fused into the weights and `hypernetworks`
+    (`FILE[:STRENGTH]`) added to the UNet graph, in order (see exporter.adapters).
+    """
+    from edgesd.exporter.adapters import check_adapter_files, parse_hypernetwork_arg, parse_lora_arg
+
+    loras = [parse_lora_arg(a) for a in loras]
+    hypernetworks = [parse_hypernetwork_arg(a) for a in hypernetworks]
+    check_adapter_files(loras, hypernetworks)
     out = Path(out)
     if out.exists() and not overwrite:
         raise InvalidArgumentError(f"{out} already exists; pass --overwrite to replace it")
@@ -36,7 +45,8 @@ def export(source, out, *, config=None, prediction=None, overwrite: bool = False
     tmp = parent / f".{out.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        manifest = build_folder(source, tmp, config=config, prediction=prediction, verify=verify, progress=progress)
+        manifest = build_folder(source, tmp, config=config, prediction=prediction, verify=verify, progress=progress,
+                                loras=loras, hypernetworks=hypernetworks, lenient=lenient)
         replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -73,7 +83,8 @@ def replace_folder(new: Path, out: Path) -> None:
         new.rename(out)
 
 
-def build_folder(source, folder: Path, *, config=None, prediction=None, verify=True, progress=True) -> dict:
+def build_folder(source, folder: Path, *, config=None, prediction=None, verify=True, progress=True,
+                 loras=(), hypernetworks=(), lenient=False) -> dict:
     import diffusers
     import onnx
     import torch
@@ -89,6 +100,11 @@ def build_folder(source, folder: Path, *, config=None, prediction=None, verify=T
     loaded = load_model(source, config, prediction)
     if not loaded.family.exportable:
         raise CheckpointError(f"{loaded.family.title} models cannot be exported to ONNX yet")
+    adapters = []
+    if loras or hypernetworks:
+        from edgesd.exporter.adapters import apply_adapters
+
+        adapters = apply_adapters(loaded, loras, hypernetworks, lenient=lenient, warn=_warn)
     family, configs = loaded.family, loaded.configs
     specs = family.components(configs)
     components = {}
@@ -114,6 +130,9 @@ def build_folder(source, folder: Path, *, config=None, prediction=None, verify=T
             for encoder in family.text_encoders:
                 write_clip_tokenizer(folder / encoder.tokenizer, pad_token=encoder.pad_token)
         bar.update()
+    from edgesd.exporter.golden import write_golden
+
+    write_golden(specs, loaded, configs, folder, components)  # seeded I/O that `edgesd check` re-runs
     manifest = {
         "format_version": FORMAT_VERSION,
         "family": family.name,
@@ -125,7 +144,7 @@ def build_folder(source, folder: Path, *, config=None, prediction=None, verify=T
         "source": loaded.source,
         "exporter": {"version": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
                      "onnx": onnx.__version__, "opset": OPSET},
-        "adapters": [],
+        "adapters": adapters,
     }
     write_manifest(folder, manifest)
     return manifest
@@ -147,3 +166,9 @@ def write_configs(folder: Path, configs: dict, loaded) -> None:
     for component, rels in EXPORTED_CONFIG_FILES.items():
         for rel in rels if component in configs else ():
             dump(rel, configs[component])
+
+
+def _warn(message: str) -> None:
+    import sys
+
+    print(f"edgesd: warning: {message}", file=sys.stderr)

@@ -10,13 +10,24 @@ import torch
 
 
 class TextEncoderGraph(torch.nn.Module):
+    """input_ids, clip_skip -> last_hidden_state, pooler_output, clip_skip_hidden_state.
+
+    All hidden states are stacked and the one `clip_skip` layers from the end is picked with a
+    data-dependent index (a Gather in ONNX), so one graph serves every clip skip value.
+    """
+
     def __init__(self, text_encoder):
         super().__init__()
         self.text_encoder = text_encoder
+        # transformers >= 5 keeps final_layer_norm on the model itself, older ones under text_model
+        self.final_layer_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
 
-    def forward(self, input_ids):
-        out = self.text_encoder(input_ids.to(torch.int64), return_dict=True)
-        return out.last_hidden_state, out.pooler_output
+    def forward(self, input_ids, clip_skip):
+        out = self.text_encoder(input_ids.to(torch.int64), output_hidden_states=True, return_dict=True)
+        hidden = torch.stack(out.hidden_states)  # (layers + 1, batch, sequence, hidden)
+        index = (len(out.hidden_states) - clip_skip.to(torch.int64)).reshape(1)
+        skipped = self.final_layer_norm(hidden.index_select(0, index).squeeze(0))
+        return out.last_hidden_state, out.pooler_output, skipped
 
 
 class UNetGraph(torch.nn.Module):
@@ -73,6 +84,9 @@ def example_inputs(spec, configs: dict, *, batch: int, latent_hw: tuple, seed: i
             ids[:, 0] = vocab - 2  # BOS, then an EOS part-way so pooling has a real target
             ids[:, shape[1] // 2:] = vocab - 1
             tensors.append(ids.to(torch.int32))
+        elif t.name == "clip_skip":  # 1 when tracing, deeper layers when verifying (seed 1, 2 -> 2, 3)
+            layers = configs["text_encoder"]["num_hidden_layers"]
+            tensors.append(torch.tensor(min(1 + seed, layers), dtype=torch.int64))
         elif t.name == "timestep":
             tensors.append(torch.tensor(float(torch.randint(1, 999, (), generator=g)) + 0.5))
         else:

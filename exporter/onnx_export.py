@@ -41,6 +41,7 @@ def export_component(spec, model, configs: dict, folder: Path, *, opset: int = O
     # The graph proto is loaded without its weights: a traced model over 2 GB comes with one
     # file per tensor, which are streamed into a single model.onnx_data, never all in memory.
     proto = onnx.load(str(traced), load_external_data=False)
+    add_input_defaults(proto, spec)
     path = target / "model.onnx"
     if _has_external_data(scratch):
         consolidate_external_data(proto, scratch, target / EXTERNAL_DATA)
@@ -87,6 +88,20 @@ def _all_tensors(graph):
                 yield attr.t
 
 
+def add_input_defaults(proto, spec) -> None:
+    """Give each contract input that has a default an initializer of the same name.
+
+    ONNX treats such an initializer as the input's default value: feeding the input
+    overrides it, and consumers that do not know the input (optimum) need not feed it.
+    """
+    from onnx import numpy_helper
+
+    for t in spec.inputs:
+        if t.default is not None:
+            value = np.array(t.default, dtype=t.resolved_dtype("fp32")).reshape(t.shape)
+            proto.graph.initializer.append(numpy_helper.from_array(value, t.name))
+
+
 def _has_external_data(folder: Path) -> bool:
     return any(p.name != "model.onnx" for p in folder.iterdir())
 
@@ -124,9 +139,23 @@ def verify_component(spec, model, configs: dict, path: Path, *, tolerance: float
                 raise ExportError(f"{spec.name}: output {name} is not finite in ONNX")
             if rel > worst["relative_error"]:
                 worst.update(max_abs_error=err, relative_error=rel)
+        check_input_defaults(spec, session, feed)
     if worst["relative_error"] > tolerance:
         raise ExportError(
             f"{spec.name}: ONNX output differs from torch by {worst['relative_error']:.2e} of the output "
             f"scale (max abs {worst['max_abs_error']:.3g}); tolerance {tolerance:g}"
         )
     return worst
+
+
+def check_input_defaults(spec, session, feed: dict) -> None:
+    """Leaving out the optional inputs must equal feeding their declared defaults."""
+    optional = [t for t in spec.inputs if t.default is not None]
+    if not optional:
+        return
+    required = {k: v for k, v in feed.items() if k in spec.required_input_names}
+    explicit = dict(required, **{t.name: np.array(t.default, dtype=t.resolved_dtype("fp32")) for t in optional})
+    for name, a, b in zip(spec.output_names, session.run(spec.output_names, required),
+                          session.run(spec.output_names, explicit)):
+        if not np.array_equal(a, b):
+            raise ExportError(f"{spec.name}: output {name} without the optional inputs differs from their defaults")

@@ -26,9 +26,14 @@ ONNX_TYPE_NAMES = {  # onnxruntime's type strings -> numpy dtype names
 
 @dataclass(frozen=True)
 class TensorSpec:
+    """One graph input or output. An input with a `default` is optional: the exporter stores
+    the default as an initializer of the same name (ONNX's overridable initializer), so a
+    consumer that does not know the input (optimum, older edgesd) need not feed it."""
+
     name: str
     dtype: str
     shape: tuple
+    default: int | float | None = None
 
     def resolved_dtype(self, precision: str) -> str:
         """The numpy dtype name for a component exported at `precision` ("fp32"/"fp16")."""
@@ -59,6 +64,11 @@ class ComponentSpec:
         return [t.name for t in self.inputs]
 
     @property
+    def required_input_names(self) -> list:
+        """Inputs every consumer must feed (those without a default)."""
+        return [t.name for t in self.inputs if t.default is None]
+
+    @property
     def output_names(self) -> list:
         return [t.name for t in self.outputs]
 
@@ -74,15 +84,29 @@ class ComponentSpec:
 
 
 def text_encoder_spec(hidden_size: int, name: str = "text_encoder") -> ComponentSpec:
-    """CLIP text transformer run on one 77-token chunk per batch row."""
+    """CLIP text transformer run on one 77-token chunk per batch row.
+
+    `last_hidden_state` and `pooler_output` are optimum's outputs, unchanged. CLIP skip (A1111's
+    "Clip skip" N: the hidden state N layers from the end, then final_layer_norm; N=1 is the last
+    layer) is served by the same graph rather than a second one: the optional int64 scalar input
+    `clip_skip` (default 1, stored as an initializer so feeding it is optional) selects the layer
+    of the extra output `clip_skip_hidden_state`. With the default it equals `last_hidden_state`.
+    Valid values are 1 .. num_hidden_layers. Folders without this output (optimum's, older
+    exports) still run, with clip skip 1 only.
+    """
     return ComponentSpec(
         name,
-        inputs=(TensorSpec("input_ids", "int32", ("batch", "sequence")),),
+        inputs=(
+            TensorSpec("input_ids", "int32", ("batch", "sequence")),
+            TensorSpec("clip_skip", "int64", (), default=1),
+        ),
         outputs=(
             TensorSpec("last_hidden_state", FLOAT, ("batch", "sequence", hidden_size)),
             TensorSpec("pooler_output", FLOAT, ("batch", hidden_size)),
+            TensorSpec("clip_skip_hidden_state", FLOAT, ("batch", "sequence", hidden_size)),
         ),
-        description="token ids -> final-layer hidden states (after final_layer_norm) and pooled output",
+        description="token ids (+ clip_skip) -> final-layer hidden states (after final_layer_norm), pooled "
+                    "output, and the hidden state clip_skip layers from the end (after final_layer_norm)",
     )
 
 

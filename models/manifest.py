@@ -26,7 +26,7 @@ SCHEMA = {
     "prediction_type": (str, "epsilon or v_prediction"),
     "sample_size": (int, "default image size in pixels"),
     "precision": (str, "fp32 or fp16 (of the UNet and text encoder)"),
-    "components": (dict, "name -> {path, sha256, external_data, precision, verification}"),
+    "components": (dict, "name -> {path, sha256, external_data, precision, verification, golden (optional)}"),
     "source": (dict, "{file, sha256, format} of the checkpoint exported"),
     "exporter": (dict, "{version, torch, diffusers, onnx, opset}"),
     "adapters": (list, "LoRA / hypernetwork files baked into the graphs, in order"),
@@ -61,6 +61,9 @@ def validate(manifest: dict) -> dict:
     for name, entry in manifest["components"].items():
         if not isinstance(entry, dict) or "path" not in entry or "sha256" not in entry:
             raise ModelFolderError(f"{MANIFEST_FILE}: component {name!r} needs 'path' and 'sha256'")
+        golden = entry.get("golden")  # optional: {path, sha256} of the golden I/O (older folders lack it)
+        if golden is not None and (not isinstance(golden, dict) or "path" not in golden or "sha256" not in golden):
+            raise ModelFolderError(f"{MANIFEST_FILE}: component {name!r}: 'golden' needs 'path' and 'sha256'")
     return manifest
 
 

@@ -42,11 +42,26 @@ def cmd_export(args):
 
     manifest = export(args.source, args.output, config=args.config, prediction=args.prediction,
                       overwrite=args.overwrite,
-                      verify=not args.no_verify, progress=not args.quiet)
+                      verify=not args.no_verify, progress=not args.quiet,
+                      loras=args.lora, hypernetworks=args.hypernetwork, lenient=args.lenient)
     errors = {k: v.get("verification", {}).get("relative_error") for k, v in manifest["components"].items()}
     print(f"exported {manifest['family']} ({manifest['variant']}, {manifest['prediction_type']}) to {args.output}")
     for name, err in errors.items():
         print(f"  {name:13s} verified: {'skipped' if err is None else f'relative error {err:.1e}'}")
+    print_adapters(manifest)
+
+
+def print_adapters(manifest: dict) -> None:
+    for a in manifest.get("adapters") or []:
+        weights = ", ".join(f"{k} {v:g}" for k, v in a.get("multipliers", {}).items())
+        print(f"  adapter {a['file']} ({a['kind']}; {weights}): {a['matched_modules']} modules")
+
+
+def cmd_synth_adapter(args):
+    need_exporter()
+    from edgesd.exporter.adapters.synth import write
+
+    print(f"wrote {write(args.kind, args.output, family=args.family, size=args.size, seed=args.seed)}")
 
 
 def cmd_synth(args):
@@ -57,20 +72,82 @@ def cmd_synth(args):
     print(f"wrote {path}")
 
 
+GENERATE_DEFAULTS = {"negative_prompt": "", "num_inference_steps": 20, "guidance_scale": 7.0, "sampler": "Euler",
+                     "schedule": "Automatic", "rng": "cpu"}
+# CLI option -> Pipeline argument, for the options that `--from-png` values can be overridden by
+GENERATE_OPTIONS = {"prompt": "prompt", "negative": "negative_prompt", "steps": "num_inference_steps",
+                    "cfg": "guidance_scale", "seed": "seed", "sampler": "sampler", "schedule": "schedule",
+                    "rng": "rng", "subseed": "subseed", "subseed_strength": "subseed_strength", "ensd": "ensd",
+                    "strength": "strength", "mask_blur": "mask_blur", "inpainting_fill": "inpainting_fill",
+                    "clip_skip": "clip_skip", "emphasis": "emphasis", "hr_scale": "hr_scale",
+                    "hr_upscaler": "hr_upscaler", "hr_steps": "hr_second_pass_steps",
+                    "hr_strength": "hr_denoising_strength"}
+
+
+def read_png_parameters(path) -> str:
+    """The A1111 `parameters` text of a PNG, or a one-line error saying what is wrong."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            text = image.info.get("parameters")
+    except (OSError, UnidentifiedImageError) as e:
+        raise InvalidArgumentError(f"{path}: cannot read the image ({getattr(e, 'strerror', None) or e})") from None
+    if not text:
+        raise InvalidArgumentError(f"{path}: the image has no 'parameters' text (not saved by A1111 or edgesd)")
+    return text
+
+
+def open_image(path, what: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except (OSError, UnidentifiedImageError) as e:
+        raise InvalidArgumentError(f"{path}: cannot read the {what} ({getattr(e, 'strerror', None) or e})") from None
+
+
+def generation_kwargs(args) -> dict:
+    """Pipeline arguments: defaults, then the --from-png infotext, then options given explicitly."""
+    from edgesd.runtime.infotext import call_arguments, parse_infotext
+
+    kwargs = dict(GENERATE_DEFAULTS)
+    if args.from_png:
+        kwargs.update(call_arguments(parse_infotext(read_png_parameters(args.from_png))))
+    for option, name in GENERATE_OPTIONS.items():
+        if getattr(args, option) is not None:
+            kwargs[name] = getattr(args, option)
+    if args.size:
+        kwargs["width"], kwargs["height"] = parse_size(args.size)
+    if args.init_image:
+        kwargs["init_image"] = open_image(args.init_image, "init image")
+    elif "strength" in kwargs:
+        raise InvalidArgumentError("this image was made with img2img (it has a Denoising strength): pass --init-image")
+    if args.mask:
+        kwargs["mask_image"] = open_image(args.mask, "mask")
+    if args.vae_tiling:
+        kwargs["vae_tiling"] = True
+    if args.hr_scale is not None:
+        kwargs["enable_hr"] = True
+    if "prompt" not in kwargs:
+        raise InvalidArgumentError("a prompt is needed (or --from-png IMAGE to take everything from an image)")
+    return kwargs
+
+
 def cmd_generate(args):
     from edgesd.runtime.images import save_png
     from edgesd.runtime.pipeline import Pipeline
 
-    width, height = parse_size(args.size) if args.size else (None, None)
     out = Path(args.output)
     if out.suffix.lower() != ".png":
         raise InvalidArgumentError(f"{out}: output must be a .png file")
     if not out.parent.exists():
         raise InvalidArgumentError(f"{out.parent}: output folder does not exist")
+    kwargs = generation_kwargs(args)
     pipe = Pipeline.from_pretrained(args.model, provider=args.provider)
-    result = pipe(args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
-                  guidance_scale=args.cfg, height=height, width=width, seed=args.seed,
-                  num_images_per_prompt=args.batch, sampler=args.sampler, schedule=args.schedule)
+    result = pipe(num_images_per_prompt=args.batch, **kwargs)
     for i, (image, info) in enumerate(zip(result.images, result.infotexts)):
         path = out if len(result.images) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
         save_png(image, path, info)
@@ -114,8 +191,29 @@ def cmd_info(args):
         ins = ", ".join(f"{t.name}{list(t.shape)}" for t in spec.inputs)
         outs = ", ".join(f"{t.name}{list(t.shape)}" for t in spec.outputs)
         print(f"  {spec.name:13s} {present:8s} {ins} -> {outs}")
+    if folder.manifest:
+        print_adapters(folder.manifest)
     if folder.manifest and args.json:
         print(json.dumps(folder.manifest, indent=2))
+
+
+def cmd_check(args):
+    from edgesd.runtime.conformance import run_checks
+    from edgesd.runtime.conformance.report import check_writable, format_line
+
+    for path in (args.json, args.junit):
+        check_writable(path)
+    only = [g.strip() for g in args.only.split(",") if g.strip()] if args.only else None
+    print(f"edgesd check {args.model}" + (f" against {args.against}" if args.against else ""), flush=True)
+    report = run_checks(args.model, provider=args.provider, against=args.against, config=args.config,
+                        adapter_dirs=args.adapter_dir or (), only=only,
+                        on_result=lambda r: print(format_line(r, 40), flush=True))
+    print(report.summary())
+    if args.json:
+        report.write_json(args.json)
+    if args.junit:
+        report.write_junit(args.junit)
+    return report.exit_code
 
 
 def cmd_samplers(args):
@@ -145,7 +243,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-verify", action="store_true", help="skip the numerical check against torch")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:UNET_W[:TE_W]]",
+                   help="LoRA/LoCon/LoHa/LoKr/PEFT file to fuse (repeatable, applied in order; TE_W defaults to UNET_W)")
+    p.add_argument("--hypernetwork", action="append", default=[], metavar="FILE[:STRENGTH]",
+                   help="A1111 hypernetwork .pt to bake into the UNet graph (repeatable, chained in order)")
+    p.add_argument("--lenient", action="store_true", help="adapter keys that match no module warn instead of failing")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("synth-adapter", help="write a synthetic adapter file (seeded random weights, public layout)")
+    p.add_argument("kind", help="lora, locon-tucker, loha, lokr, peft or hypernetwork")
+    p.add_argument("-o", "--output", required=True, help=".safetensors (.pt for a hypernetwork) file to write")
+    p.add_argument("--family", default="sd1")
+    p.add_argument("--size", default="tiny", help="base model size the adapter fits: tiny or full")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synth_adapter)
 
     p = sub.add_parser("synth", help="write a synthetic checkpoint with seeded random weights (LDM layout)")
     p.add_argument("family", help="sd1, sd2 or sd2-v")
@@ -161,16 +272,38 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=None, help="-1 or absent: random")
         p.add_argument("--provider", default="auto", help="auto, cpu, cuda or tensorrt")
 
-    p = sub.add_parser("generate", help="text-to-image with an exported model folder")
+    p = sub.add_parser("generate", help="text-to-image, img2img or inpainting with an exported model folder")
     p.add_argument("model", help="exported model folder")
-    p.add_argument("prompt")
-    p.add_argument("-n", "--negative", default="", help="negative prompt")
-    p.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale")
-    p.add_argument("--schedule", default="Automatic", help="schedule type (see `edgesd samplers`)")
-    p.add_argument("--size", help="WIDTHxHEIGHT, multiples of 8 (default: the model's)")
+    p.add_argument("prompt", nargs="?", default=None, help="the prompt (optional with --from-png)")
+    p.add_argument("-n", "--negative", default=None, help="negative prompt")
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default 7)")
+    p.add_argument("--schedule", default=None, help="schedule type (see `edgesd samplers`; default Automatic)")
+    p.add_argument("--size", help="WIDTHxHEIGHT, multiples of 8 (default: the model's, or the init image's)")
     p.add_argument("--batch", type=int, default=1, help="images to generate (seeds seed, seed+1, ...)")
     p.add_argument("-o", "--output", default="edgesd.png", help="PNG to write")
-    generation_options(p)
+    p.add_argument("--rng", default=None, help="noise source: cpu (A1111 'CPU', default) or nv (A1111 'NV')")
+    p.add_argument("--subseed", type=int, default=None, help="variation seed")
+    p.add_argument("--subseed-strength", type=float, default=None, help="variation strength in [0, 1]")
+    p.add_argument("--ensd", type=int, default=None, help="eta noise seed delta (ancestral samplers)")
+    p.add_argument("--init-image", help="img2img: the image to start from")
+    p.add_argument("--strength", type=float, default=None, help="img2img denoising strength in [0, 1] (0.75)")
+    p.add_argument("--mask", help="inpainting: mask image, white = repaint (needs --init-image)")
+    p.add_argument("--mask-blur", type=float, default=None, help="mask blur in pixels (4)")
+    p.add_argument("--inpainting-fill", default=None, help="original, latent noise or latent nothing")
+    p.add_argument("--clip-skip", type=int, default=None, help="A1111's Clip skip: 1 = last CLIP layer (default), "
+                   "2 = the one before, ...")
+    p.add_argument("--emphasis", default=None, help="(word:1.2) weighting: Original (default), No norm, Ignore, None")
+    p.add_argument("--vae-tiling", action="store_true", help="decode large images in overlapping tiles (less memory)")
+    p.add_argument("--hr-scale", type=float, default=None, help="hires fix: upscale factor of a second img2img pass")
+    p.add_argument("--hr-upscaler", default=None, help="hires upscaler: Latent (default), Latent (nearest), "
+                   "Latent (nearest-exact), Lanczos, Nearest")
+    p.add_argument("--hr-steps", type=int, default=None, help="hires second-pass steps (0 = as the first pass)")
+    p.add_argument("--hr-strength", type=float, default=None, help="hires denoising strength (0.7)")
+    p.add_argument("--from-png", help="take prompt and parameters from a PNG's infotext; options given override")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 20)")
+    p.add_argument("--sampler", default=None, help="sampler (default Euler)")
+    p.add_argument("--seed", type=int, default=None, help="-1 or absent: random")
+    p.add_argument("--provider", default="auto", help="auto, cpu, cuda or tensorrt")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="build, export and run the embedded default model")
@@ -184,6 +317,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="also print the manifest")
     p.set_defaults(func=cmd_info)
 
+    p = sub.add_parser("check", help="prove an exported model folder conforms: structure, contract, golden I/O, "
+                                     "end to end (exit 1 if a check fails)")
+    p.add_argument("model", help="exported model folder")
+    p.add_argument("--against", metavar="SOURCE", help="also compare with the source checkpoint in torch "
+                                                      "(needs the export extra)")
+    p.add_argument("--config", help="config folder or LDM .yaml for a non-standard --against source")
+    p.add_argument("--adapter-dir", action="append", metavar="DIR",
+                   help="where the adapters the manifest records are (default: beside SOURCE); repeatable")
+    p.add_argument("--provider", default="auto", help="auto, cpu, cuda or tensorrt")
+    p.add_argument("--json", metavar="REPORT", help="write the results as JSON")
+    p.add_argument("--junit", metavar="FILE", help="write the results as JUnit XML (for CI systems)")
+    p.add_argument("--only", metavar="GROUPS", help="comma-separated groups: structure, contract, golden, e2e, against")
+    p.set_defaults(func=cmd_check)
+
     p = sub.add_parser("samplers", help="list samplers and schedule types")
     p.set_defaults(func=cmd_samplers)
     return parser
@@ -193,14 +340,14 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        args.func(args)
+        code = args.func(args)  # None, or an exit status of its own (check: 1 when a check fails)
     except EdgesdError as e:
         print(f"edgesd: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("edgesd: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

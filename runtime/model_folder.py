@@ -90,9 +90,10 @@ class Session:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types
             raise ModelFolderError(f"{path}: onnxruntime cannot load the graph ({str(e).splitlines()[0]})") from None
-        graph_inputs = {i.name: i for i in self.session.get_inputs()}
+        # Inputs with a default (an initializer of the same name) are listed apart by onnxruntime.
+        graph_inputs = {i.name: i for i in (*self.session.get_inputs(), *self.session.get_overridable_initializers())}
         graph_outputs = {o.name for o in self.session.get_outputs()}
-        missing = [n for n in spec.input_names if n not in graph_inputs]
+        missing = [n for n in spec.required_input_names if n not in graph_inputs]
         if missing or spec.output_names[0] not in graph_outputs:
             raise ModelFolderError(
                 f"{path}: graph does not follow the {spec.name} contract (inputs {sorted(graph_inputs)}, "

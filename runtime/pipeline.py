@@ -17,12 +17,14 @@ from pathlib import Path
 import numpy as np
 
 from edgesd import schedulers
-from edgesd.errors import InvalidArgumentError, unknown_name
+from edgesd.errors import InvalidArgumentError, ModelFolderError, unknown_name
 from edgesd.runtime import providers as provider_names
 from edgesd.runtime.images import to_pil, to_unit_nhwc
-from edgesd.runtime.infotext import create_infotext
+from edgesd.runtime import hires, img2img, vae_tiling
+from edgesd.runtime.infotext import call_arguments, create_infotext, parse_infotext
 from edgesd.runtime.model_folder import ModelFolder
-from edgesd.runtime.rng import make_generator
+from edgesd.runtime.prompts import check_emphasis, encode_prompts as encode_prompt_chunks
+from edgesd.runtime.seeds import RNG_LABELS, ImageNoise, check_variation, uses_eta_noise
 from edgesd.runtime.tokenizer import ClipTokenizer
 
 OUTPUT_TYPES = ("pil", "np", "latent")
@@ -53,12 +55,14 @@ class Pipeline:
         self.text_encoder = folder.session("text_encoder", providers)
         self.unet = folder.session("unet", providers)
         self.vae_decoder = folder.session("vae_decoder", providers)
+        self._vae_encoder = None
         scheduler = folder.configs["scheduler"]
         self.sigma_table = schedulers.sigma_table(
             scheduler.get("beta_schedule", "scaled_linear"), scheduler.get("beta_start", 0.00085),
             scheduler.get("beta_end", 0.012), scheduler.get("num_train_timesteps", 1000))
         self.scaling_factor = float(folder.configs["vae"].get("scaling_factor", 0.18215))
         self.latent_channels = int(folder.configs["unet"].get("out_channels", 4))
+        self.unet_in_channels = int(folder.configs["unet"].get("in_channels", self.latent_channels))
         self.vae_scale = 2 ** (len(folder.configs["vae"]["block_out_channels"]) - 1)
         self.model_name = folder.path.name
         source = (folder.manifest or {}).get("source", {})
@@ -70,15 +74,48 @@ class Pipeline:
 
     # -- text -------------------------------------------------------------------------
 
-    def encode_prompts(self, prompts: list) -> np.ndarray:
-        """(len(prompts), 77, hidden) text-encoder hidden states, one batched call."""
-        ids = np.array([self.tokenizer.pad(t) for t in self.tokenizer.encode_batch(prompts)], dtype=np.int64)
-        return self.text_encoder.run(["last_hidden_state"], input_ids=ids)[0]
+    def encode_prompts(self, prompts: list, *, emphasis: str = "Original", clip_skip: int = 1) -> np.ndarray:
+        """(len(prompts), 77 * k, hidden) conditioning with A1111's emphasis, BREAK and 75-token chunks.
+
+        Every row gets the same chunk count k (shorter prompts are padded with the empty prompt's
+        chunk), so prompts and negative prompts encoded in one call share a UNet batch. All
+        chunks go through the text encoder in one batched call (see runtime/prompts.py).
+        """
+        output = "last_hidden_state" if clip_skip == 1 else "clip_skip_hidden_state"
+        feed = {} if clip_skip == 1 else {"clip_skip": np.int64(clip_skip)}
+
+        def run(ids):
+            return self.text_encoder.run([output], input_ids=ids, **feed)[0]
+
+        return encode_prompt_chunks(prompts, self.tokenizer, run, emphasis=emphasis)
+
+    def check_clip_skip(self, clip_skip) -> int:
+        """A1111's Clip skip (1 = last layer); > 1 needs a text encoder with `clip_skip_hidden_state`."""
+        if clip_skip is None:
+            return self.folder.family.default_clip_skip
+        layers = int(self.folder.configs["text_encoder"].get("num_hidden_layers", 12))
+        clip_skip = check_int("clip_skip", clip_skip, 1, layers)
+        has_output = "clip_skip_hidden_state" in self.text_encoder.output_names
+        if clip_skip > 1 and self.applies_clip_skip() and not has_output:
+            raise ModelFolderError(f"{self.folder.path}: this text encoder has no clip_skip_hidden_state output "
+                                   "(an optimum or older edgesd export); re-export it with `edgesd export` "
+                                   "to use clip_skip > 1")
+        return clip_skip
+
+    def applies_clip_skip(self) -> bool:
+        """A1111 applies Clip skip to CLIP ViT-L text encoders (SD1) only; with OpenCLIP ones (SD2)
+        it has no effect, though the infotext still records it."""
+        encoders = getattr(self.folder.family, "text_encoders", ())
+        return all(getattr(e, "layout", "clip") == "clip" for e in encoders)
 
     # -- sampling ---------------------------------------------------------------------
 
-    def make_denoiser(self, cond: np.ndarray, uncond: np.ndarray | None, guidance_scale: float, timings: dict):
-        """The `denoise(x, sigma) -> x0` callable over the UNet, with CFG when `uncond` is given."""
+    def make_denoiser(self, cond: np.ndarray, uncond: np.ndarray | None, guidance_scale: float, timings: dict,
+                      image_cond: np.ndarray | None = None):
+        """The `denoise(x, sigma) -> x0` callable over the UNet, with CFG when `uncond` is given.
+
+        `image_cond` (inpainting models: mask + masked-image latent) is appended to the scaled
+        latent's channels unscaled, as LDM's hybrid conditioning and diffusers do."""
         table, prediction = self.sigma_table, self.folder.prediction_type
         dtype = self.unet.input_dtypes["sample"]
         context = cond if uncond is None else np.concatenate([cond, uncond])
@@ -91,6 +128,8 @@ class Pipeline:
             if np.issubdtype(t_dtype, np.integer):
                 t = round(t)
             model_in = (x * c_in).astype(dtype)
+            if image_cond is not None:
+                model_in = np.concatenate([model_in, image_cond.astype(dtype)], axis=1)
             if uncond is not None:
                 model_in = np.concatenate([model_in, model_in])
             timestep = np.full((len(model_in),) if t_rank else (), t, dtype=t_dtype)
@@ -105,21 +144,49 @@ class Pipeline:
 
         return denoise
 
-    def decode(self, latents: np.ndarray) -> np.ndarray:
-        """Latents -> float32 NHWC images in [0, 1], one image per VAE call to bound memory."""
+    def decode(self, latents: np.ndarray, tiling: bool = False) -> np.ndarray:
+        """Latents -> float32 NHWC images in [0, 1], one image per VAE call to bound memory.
+
+        `tiling`: decode latents larger than the model's sample size in overlapping tiles
+        (runtime/vae_tiling.py), bounding memory further for large images."""
         dtype = self.vae_decoder.input_dtypes["latent_sample"]
-        images = [self.vae_decoder.run(latent_sample=(l[None] / self.scaling_factor).astype(dtype))[0]
-                  for l in latents]
+
+        def run(latent):
+            return self.vae_decoder.run(latent_sample=(latent / self.scaling_factor).astype(dtype))[0]
+
+        tile = self.folder.sample_size // self.vae_scale
+        images = [vae_tiling.tiled_decode(run, l[None], tile, self.vae_scale)
+                  if tiling and vae_tiling.needs_tiling(l, tile) else run(l[None]) for l in latents]
         return to_unit_nhwc(np.concatenate(images))
 
     def __call__(self, prompt, negative_prompt="", num_inference_steps: int = 20, guidance_scale: float = 7.0,
                  height: int | None = None, width: int | None = None, seed=None, latents=None,
                  num_images_per_prompt: int = 1, sampler: str = "Euler", schedule: str = "Automatic",
-                 output_type: str = "pil", callback=None, rng: str = "cpu", **sampler_options) -> GenerationResult:
+                 output_type: str = "pil", callback=None, rng: str = "cpu", subseed=None,
+                 subseed_strength: float = 0.0, ensd: int = 0, init_image=None, strength: float | None = None,
+                 mask_image=None, mask_blur: float = 4, inpainting_fill: str = "original",
+                 clip_skip: int | None = None, emphasis: str = "Original", vae_tiling: bool = False,
+                 enable_hr: bool = False, hr_scale: float = 2.0, hr_upscaler: str = "Latent",
+                 hr_second_pass_steps: int = 0, hr_denoising_strength: float = 0.7,
+                 **sampler_options) -> GenerationResult:
+        """txt2img; img2img with `init_image` (+ `strength`); inpainting with `mask_image` too.
+
+        `subseed`/`subseed_strength` are A1111's variation seed, `ensd` its eta noise seed
+        delta, `rng` the noise source ("cpu" or "nv"); see runtime/seeds.py. `clip_skip` is
+        A1111's Clip skip (1 = last layer; None: the family's default) and `emphasis` how
+        `(word:1.2)` weights apply ("Original", "No norm", "Ignore", "None"); see runtime/prompts.py.
+        `vae_tiling` decodes large images in overlapping tiles (runtime/vae_tiling.py).
+        `enable_hr` adds A1111's hires fix (runtime/hires.py): the image is generated at
+        height x width, upscaled by `hr_scale` with `hr_upscaler`, then refined by an img2img
+        pass of `hr_second_pass_steps` (0: as many as the first) at `hr_denoising_strength`.
+        """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         if not prompts or len(negatives) != len(prompts) or not all(isinstance(p, str) for p in prompts + negatives):
             raise InvalidArgumentError("prompt must be a string or a non-empty list of strings, with one negative prompt each")
+        strength = self.check_img2img(init_image, strength, mask_image, inpainting_fill)
+        if init_image is not None and (height is None or width is None):
+            width, height = img2img.default_size(init_image)
         height = self.folder.sample_size if height is None else height
         width = self.folder.sample_size if width is None else width
         check_size(height, width)
@@ -132,54 +199,194 @@ class Pipeline:
             raise unknown_name("output_type", output_type, OUTPUT_TYPES)
         sampler = schedulers.resolve_sampler(sampler)
         schedule = schedulers.resolve_schedule(schedule)
+        subseed_strength, ensd = check_variation(subseed_strength, ensd)
+        clip_skip, emphasis = self.check_clip_skip(clip_skip), check_emphasis(emphasis)
+        hr = None
+        if enable_hr:
+            if init_image is not None:
+                raise InvalidArgumentError("hires fix is a txt2img option; it cannot be combined with init_image")
+            hr = hires.check_hires(hr_scale, hr_upscaler, hr_second_pass_steps, hr_denoising_strength, steps)
 
         prompts = [p for p in prompts for _ in range(per_prompt)]
         negatives = [n for n in negatives for _ in range(per_prompt)]
         batch = len(prompts)
         shape = (batch, self.latent_channels, height // self.vae_scale, width // self.vae_scale)
-        seeds = image_seeds(seed, batch)
-        generators = [make_generator(s, rng) for s in seeds]  # one stream per image, as A1111
-        if latents is None:
-            latents = np.stack([g.randn(shape[1:]) for g in generators])
-        latents = np.asarray(latents, dtype=np.float32)
+        # A1111: with a variation seed every image keeps the seed and the subseeds count up.
+        seeds = image_seeds(seed, batch, step=0 if subseed_strength else 1)
+        subseeds = image_seeds(subseed, batch) if subseed_strength else None
+        noise = ImageNoise(shape[1:], seeds, rng, subseeds, subseed_strength, ensd)  # one stream per image
+        initial = noise.first()
+        latents = initial if latents is None else np.asarray(latents, dtype=np.float32)
         if latents.shape != shape:
             raise InvalidArgumentError(f"latents must have shape {shape} for this size and batch, got {latents.shape}")
-        step_noise = None
-        if schedulers.noise_kind(sampler) == "gaussian":  # ancestral noise continues each image's stream
-            def step_noise(*_):
-                return np.stack([g.randn(shape[1:]) for g in generators])
+        # ancestral noise continues each image's stream (or its seed + ENSD stream)
+        step_noise = noise.next if schedulers.noise_kind(sampler) == "gaussian" else None
 
         timings = {}
         start = time.perf_counter()
         use_cfg = guidance_scale > 1.0
-        embeddings = self.encode_prompts(prompts + (negatives if use_cfg else []))
+        embeddings = self.encode_prompts(prompts + (negatives if use_cfg else []), emphasis=emphasis,
+                                         clip_skip=clip_skip if self.applies_clip_skip() else 1)
         cond, uncond = (np.split(embeddings, 2) if use_cfg else (embeddings, None))
         timings["text_encoder"] = time.perf_counter() - start
 
         sigmas = schedulers.sigmas_for(sampler, schedule, steps, self.sigma_table)
-        denoise = self.make_denoiser(cond, uncond, guidance_scale, timings)
         init_scale, out_scale = schedulers.latent_scales(sampler, sigmas, schedule)
-        x = latents * np.float32(init_scale)
+        job = None if init_image is None else self.prepare_img2img(
+            init_image, mask_image, width, height, shape, mask_blur, inpainting_fill, seeds, rng, timings,
+            bool(vae_tiling))
+        denoise = self.make_denoiser(cond, uncond, guidance_scale, timings,
+                                     self.image_conditioning(job, shape, width, height))
+        if job is None:
+            x = latents * np.float32(init_scale)
+        else:
+            sigmas = sigmas[img2img.start_index(steps, strength):]
+            x = (job.latent + latents * np.float32(sigmas[0])).astype(np.float32)
+            if job.mask is not None:
+                denoise = img2img.masked_denoiser(denoise, job.latent, job.mask.latent)
         x = schedulers.sample(sampler, denoise, x, sigmas, seed=seeds, noise=step_noise, callback=callback,
                               **sampler_options)
+        if job is not None and job.mask is not None:
+            x = x * job.mask.latent + job.latent * (1 - job.mask.latent)
         x = (x * out_scale).astype(np.float32)
+        if hr is not None:
+            x = self.hires_pass(x, hr, width, height, ImageNoise, (seeds, rng, subseeds, subseed_strength, ensd),
+                                sampler, schedule, self.make_denoiser(cond, uncond, guidance_scale, timings),
+                                callback, sampler_options, vae_tiling)
 
         start = time.perf_counter()
         if output_type == "latent":
             images = x
         else:
-            images = self.decode(x)
+            images = self.decode(x, tiling=bool(vae_tiling))
+            if job is not None and job.mask is not None:
+                images = img2img.paste_back(images, job.original, job.mask.overlay)
             images = to_pil(images) if output_type == "pil" else images
         timings["vae_decoder"] = time.perf_counter() - start
-        infotexts = [self.infotext(p, n, steps, sampler, schedule, guidance_scale, s, width, height)
-                     for p, n, s in zip(prompts, negatives, seeds)]
+        extras = self.extra_params(sampler, sampler_options, rng, subseed_strength, ensd, strength,
+                                   mask_image is not None and mask_blur)
+        extras.update(prompt_params(prompts + negatives, clip_skip, emphasis))
+        if hr is not None:
+            extras.update(hires.infotext_fields(hr))
+        infotexts = [self.infotext(p, n, steps, sampler, schedule, guidance_scale, s, width, height,
+                                   {"Variation seed": sub, **extras} if subseeds else extras)
+                     for p, n, s, sub in zip(prompts, negatives, seeds, subseeds or seeds)]
         return GenerationResult(images, infotexts, seeds, timings)
 
-    def infotext(self, prompt, negative, steps, sampler, schedule, cfg, seed, width, height) -> str:
+    def hires_pass(self, x, hr, width, height, noise_cls, noise_args, sampler, schedule, denoise, callback,
+                   sampler_options, tiling) -> np.ndarray:
+        """The hires fix's second pass on first-pass latents `x`, as A1111's sample_hr_pass:
+        upscale, fresh noise from the images' seeds at the new size, then img2img."""
+        width, height = hires.target_size(width, height, hr.scale)
+        shape = (len(x), self.latent_channels, height // self.vae_scale, width // self.vae_scale)
+        if hr.upscaler in hires.LATENT_MODES:
+            latent = hires.resize_latents(x, shape[2], shape[3], hires.LATENT_MODES[hr.upscaler])
+        else:
+            pixels = hires.resize_images(self.decode(x, tiling=bool(tiling)), width, height, hr.upscaler)
+            latent = np.concatenate([self.encode_image(p[None], bool(tiling)) for p in pixels])
+        noise = noise_cls(shape[1:], *noise_args)
+        sigmas = schedulers.sigmas_for(sampler, schedule, hr.steps, self.sigma_table)
+        sigmas = sigmas[img2img.start_index(hr.steps, hr.strength):]
+        x = (latent + noise.first() * np.float32(sigmas[0])).astype(np.float32)
+        step_noise = noise.next if schedulers.noise_kind(sampler) == "gaussian" else None
+        x = schedulers.sample(sampler, denoise, x, sigmas, seed=noise.seeds, noise=step_noise, callback=callback,
+                              **sampler_options)
+        return (x * schedulers.latent_scales(sampler, sigmas, schedule)[1]).astype(np.float32)
+
+    # -- img2img ----------------------------------------------------------------------
+
+    @property
+    def vae_encoder(self):
+        """The encoder session, opened on first use (txt2img never needs it)."""
+        if self._vae_encoder is None:
+            self._vae_encoder = self.folder.session("vae_encoder", self.providers)
+        return self._vae_encoder
+
+    def encode_image(self, pixels: np.ndarray, tiling: bool = False) -> np.ndarray:
+        """(N, 3, H, W) in [-1, 1] -> scaled latents: the posterior mean times the scaling factor.
+
+        The mean, not a sample: A1111 samples from the unseeded global torch RNG, which no
+        seed reproduces; a trained VAE's posterior spread is far below what a seed changes.
+        `tiling`: encode images larger than the model's sample size in overlapping tiles.
+        """
+        dtype = self.vae_encoder.input_dtypes["sample"]
+
+        def run(tile):
+            return self.vae_encoder.run(["latent_parameters"], sample=tile.astype(dtype))[0]
+
+        tile = self.folder.sample_size // self.vae_scale
+        if tiling and vae_tiling.needs_tiling(pixels, tile * self.vae_scale):
+            params = vae_tiling.tiled_encode(run, pixels, tile, self.vae_scale)
+        else:
+            params = run(pixels).astype(np.float32)
+        return params[:, : self.latent_channels] * np.float32(self.scaling_factor)
+
+    def check_img2img(self, init_image, strength, mask_image, fill) -> float | None:
+        """Validated strength (default 0.75) when there is an init image; refuses stray img2img options."""
+        if init_image is None:
+            if strength is not None or mask_image is not None:
+                raise InvalidArgumentError("strength and mask_image need an init_image (img2img / inpainting)")
+            return None
+        img2img.check_fill(fill)
+        return img2img.check_strength(0.75 if strength is None else strength)
+
+    def prepare_img2img(self, init_image, mask_image, width, height, shape, mask_blur, fill, seeds, rng, timings,
+                        tiling=False):
+        """Encode the init image (once, shared by the batch); prepare the mask and the fill."""
+        start = time.perf_counter()
+        pixels = img2img.image_tensor(init_image, width, height)
+        latent = np.repeat(self.encode_image(pixels, tiling), shape[0], axis=0)
+        timings["vae_encoder"] = time.perf_counter() - start
+        mask = None
+        if mask_image is not None:
+            mask = img2img.prepare_mask(mask_image, width, height, float(mask_blur), shape[2:])
+            fill_noise = ImageNoise(shape[1:], seeds, rng).first() if fill == "latent noise" else None
+            latent = img2img.fill_latent(latent, mask.latent, fill, fill_noise).astype(np.float32)
+        original = (pixels[0].transpose(1, 2, 0) + 1) / 2
+        return img2img.Job(latent, mask, original)
+
+    def image_conditioning(self, job, shape, width, height) -> np.ndarray | None:
+        """Inpainting models' extra UNet input: (batch, 1 + C, h, w) mask and masked-image latent.
+
+        A1111: the masked image is the init image times (1 - rounded mask), VAE-encoded; with no
+        mask (txt2img, plain img2img) the mask is all ones, so the masked image is all zeros
+        (A1111 encodes a 0.5-gray image, which is 0 in [-1, 1]). Regular models: None.
+        """
+        if self.unet_in_channels == self.latent_channels:
+            return None
+        keep = None if job is None or job.mask is None else 1 - np.round(job.mask.pixel)
+        pixels = np.zeros((1, 3, height, width), np.float32) if keep is None else (
+            (job.original.transpose(2, 0, 1)[None] * 2 - 1) * keep).astype(np.float32)
+        latent = self.encode_image(pixels)
+        mask = np.ones(shape[2:], np.float32) if keep is None else img2img.nearest(1 - keep, shape[2:])
+        cond = np.concatenate([mask[None, None], latent], axis=1)
+        return np.repeat(cond, shape[0], axis=0)
+
+    def extra_params(self, sampler, options, rng, subseed_strength, ensd, strength, mask_blur) -> dict:
+        """Infotext fields beyond the basic ones, written only when they apply (as A1111)."""
+        return {"Variation seed strength": _num(subseed_strength) if subseed_strength else None,
+                "Denoising strength": _num(strength) if strength is not None else None,
+                "Mask blur": _num(mask_blur) if mask_blur else None,
+                "ENSD": ensd if ensd and uses_eta_noise(sampler, options) else None,
+                "RNG": RNG_LABELS[rng], **({"Eta": _num(options["eta"])} if "eta" in options else {})}
+
+    def infotext(self, prompt, negative, steps, sampler, schedule, cfg, seed, width, height, extras=None) -> str:
         params = {"Steps": steps, "Sampler": sampler, "Schedule type": schedule, "CFG scale": _num(cfg),
                   "Seed": seed, "Size": f"{width}x{height}", "Model hash": self.model_hash,
-                  "Model": self.model_name, "Version": "edgesd"}
+                  "Model": self.model_name, **(extras or {}), "Version": "edgesd"}
         return create_infotext(prompt, negative, params)
+
+    def infotext_params(self, text: str) -> dict:
+        """Keyword arguments that make `self(**kwargs)` regenerate the image an infotext describes."""
+        return call_arguments(parse_infotext(text))
+
+
+def prompt_params(texts: list, clip_skip: int, emphasis: str) -> dict:
+    """A1111's infotext fields for text encoding: Clip skip when > 1, Emphasis when not the
+    default and some prompt has brackets."""
+    bracketed = any("(" in t or "[" in t for t in texts)
+    return {"Clip skip": clip_skip if clip_skip > 1 else None,
+            "Emphasis": emphasis if emphasis != "Original" and bracketed else None}
 
 
 def _num(x: float):
@@ -203,8 +410,8 @@ def check_size(height, width) -> None:
             raise InvalidArgumentError(f"{name} must be a multiple of 8, got {v}")
 
 
-def image_seeds(seed, batch: int) -> list:
-    """One seed per image: seed, seed + 1, ... (A1111); None or -1 picks a random seed."""
+def image_seeds(seed, batch: int, step: int = 1) -> list:
+    """One seed per image: seed, seed + step, ... (A1111); None or -1 picks a random seed."""
     if seed is None or (not isinstance(seed, (list, tuple)) and seed == -1):
         seed = random.randrange(2**32)
     if isinstance(seed, (list, tuple)):
@@ -213,5 +420,5 @@ def image_seeds(seed, batch: int) -> list:
         seeds = [check_int("seed", s, 0, MAX_SEED) for s in seed]
     else:
         first = check_int("seed", seed, 0, MAX_SEED)
-        seeds = [(first + i) % (MAX_SEED + 1) for i in range(batch)]
+        seeds = [(first + i * step) % (MAX_SEED + 1) for i in range(batch)]
     return seeds

@@ -38,6 +38,10 @@ class ClipTokenizer:
         """Token ids of `text`, without BOS/EOS."""
         return self._tokenizer.encode(text, add_special_tokens=False).ids
 
+    def token_id(self, token: str):
+        """The id of one vocabulary entry (e.g. ",</w>"), or None when the vocabulary lacks it."""
+        return self._tokenizer.token_to_id(token)
+
     def encode_batch(self, texts: list) -> list:
         return [e.ids for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
 
