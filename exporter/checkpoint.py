@@ -70,6 +70,21 @@ def load_state_dict(path: str | Path) -> dict:
 
 
 def _load_pickle(path: Path) -> dict:
+    import torch
+
+    obj = safe_torch_load(path, "checkpoint")
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
+        raise CheckpointError(f"{path}: the file holds no state dict of named tensors")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def safe_torch_load(path: Path, what: str):
+    """torch.load with weights-only unpickling; a pickle needing more is refused, unrun.
+
+    `what` names the kind of file in the error ("checkpoint", "hypernetwork").
+    """
     import pickle
     import zipfile
 
@@ -78,9 +93,9 @@ def _load_pickle(path: Path) -> dict:
     with open(path, "rb") as f:
         head = f.read(4)
     if not (head.startswith(b"PK") or head[:1] == b"\x80"):  # torch zip archive, or a raw pickle
-        raise CheckpointError(f"{path}: not a readable checkpoint (neither a torch zip archive nor a pickle)")
+        raise CheckpointError(f"{path}: not a readable {what} (neither a torch zip archive nor a pickle)")
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         reason = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), "unsafe content")
@@ -89,12 +104,7 @@ def _load_pickle(path: Path) -> dict:
             "run code. Convert it to .safetensors with a tool you trust."
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0]})") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
-        raise CheckpointError(f"{path}: the file holds no state dict of named tensors")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        raise CheckpointError(f"{path}: not a readable {what} ({str(e).splitlines()[0]})") from None
 
 
 def tensor_shapes(path: str | Path) -> tuple[dict, dict | None]:

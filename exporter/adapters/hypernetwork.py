@@ -59,25 +59,12 @@ class HypernetworkSpec:
 
 
 def read_hypernetwork(path: str | Path, *, lenient: bool = False, warn=None) -> HypernetworkSpec:
-    import pickle
-    import zipfile
-
-    import torch
-
-    from edgesd.exporter.checkpoint import check_file
+    from edgesd.exporter.checkpoint import check_file, safe_torch_load
 
     path = check_file(path)
     if path.is_dir():
         raise CheckpointError(f"{path}: a hypernetwork must be a .pt file, not a folder")
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        reason = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), "unsafe content")
-        raise CheckpointError(f"{path}: refused to load: the pickle needs more than tensors ({reason}); "
-                              "loading it could run code") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable hypernetwork ({str(e).splitlines()[0]})") from None
+    obj = safe_torch_load(path, "hypernetwork")
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: not an A1111 hypernetwork (expected a dict, found {type(obj).__name__})")
     widths = {k: v for k, v in obj.items() if isinstance(k, int)}
