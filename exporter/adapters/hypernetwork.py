@@ -59,6 +59,8 @@ class HypernetworkSpec:
 
 
 def read_hypernetwork(path: str | Path, *, lenient: bool = False, warn=None) -> HypernetworkSpec:
+    import torch
+
     from edgesd.exporter.checkpoint import check_file, safe_torch_load
 
     path = check_file(path)
