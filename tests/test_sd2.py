@@ -161,3 +161,55 @@ def test_sdxl_layout_round_trips_and_is_refused_for_export(workdir, tmp_path):
     with pytest.raises(CheckpointError, match="Stable Diffusion XL"):
         export(ckpt, tmp_path / "xl", config=config, progress=False)
     assert not (tmp_path / "xl").exists()
+
+
+def test_lora_and_hypernetwork_on_sd2(sd2_model, tmp_path):
+    """SD2 adapters: a kohya LoCon fused at export gives diffusers' image (its own
+    load_lora_weights + fuse_lora on the same modules) within 2e-3; a hypernetwork sized for
+    SD2's attention widths is baked into the UNet graph and changes the image."""
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    from edgesd import Pipeline
+    from edgesd.exporter.adapters import synth
+    from edgesd.exporter.export import export
+    from edgesd.exporter.load import load_model
+
+    name, ckpt, config, plain_out, _ = sd2_model
+    base = synth.base_model(name, "tiny")
+    lora = synth.write_kohya_lora(base, tmp_path / "lora.safetensors", seed=5, alphas="present", vary_rank=False)
+    hyper = synth.write_hypernetwork(base, tmp_path / "hyper.pt", seed=6)
+    out = tmp_path / "with-lora"
+    manifest = export(ckpt, out, config=config, progress=False, loras=[f"{lora}:0.8:0.5"])
+    assert manifest["adapters"][0]["matched_modules"] > 0
+
+    loaded = load_model(ckpt, config)
+    reference = StableDiffusionPipeline(vae=loaded.vae, text_encoder=loaded.text_encoder,
+                                        tokenizer=CLIPTokenizer.from_pretrained(str(plain_out / "tokenizer")),
+                                        unet=loaded.unet, safety_checker=None, feature_extractor=None,
+                                        requires_safety_checker=False,
+                                        scheduler=EulerDiscreteScheduler.from_config(
+                                            loaded.configs["scheduler"], use_karras_sigmas=True,
+                                            timestep_spacing="linspace"))
+    reference.set_progress_bar_config(disable=True)
+    reference.load_lora_weights(str(tmp_path), weight_name=lora.name, adapter_name="l")
+    reference.fuse_lora(components=["unet"], lora_scale=0.8, adapter_names=["l"])
+    reference.fuse_lora(components=["text_encoder"], lora_scale=0.5, adapter_names=["l"])
+    reference.unload_lora_weights()
+    latents = np.random.default_rng(4).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    kwargs = dict(negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=CFG, output_type="np")
+    with torch.no_grad():
+        expected = reference(PROMPT, latents=torch.from_numpy(latents), height=64, width=64, **kwargs).images
+    got = Pipeline.from_pretrained(out, provider="cpu")(PROMPT, latents=latents, sampler="Euler", schedule="Karras",
+                                                          **kwargs).images
+    assert np.abs(got - expected).max() < TOL
+    plain = Pipeline.from_pretrained(plain_out, provider="cpu")(PROMPT, latents=latents, sampler="Euler",
+                                                                 schedule="Karras", **kwargs).images
+    assert np.abs(plain - expected).max() > 10 * TOL  # the LoRA matters at this tolerance
+
+    hyper_out = tmp_path / "with-hypernetwork"
+    export(ckpt, hyper_out, config=config, progress=False, verify=False, hypernetworks=[f"{hyper}:1.0"])
+    baked = Pipeline.from_pretrained(hyper_out, provider="cpu")(PROMPT, latents=latents, sampler="Euler",
+                                                                schedule="Karras", **kwargs).images
+    assert np.abs(baked - plain).max() > 10 * TOL

@@ -23,10 +23,12 @@ def base_model(family: str = "sd1", size: str = "tiny", seed: int = 0):
     """A LoadedModel-like object with seeded random modules, for sizing adapters."""
     from types import SimpleNamespace
 
-    from edgesd.exporter.synth import build_modules
+    from edgesd.exporter.synth import build_modules, text_model
 
     family_obj, configs, unet, vae, texts = build_modules(family, size, seed)
-    return SimpleNamespace(family=family_obj, configs=configs, unet=unet, vae=vae, text_encoder=texts[0])
+    encoder = family_obj.text_encoders[0]
+    text = texts[0] if not encoder.layers_unused else text_model(configs[encoder.name], encoder)  # as loaded
+    return SimpleNamespace(family=family_obj, configs=configs, unet=unet, vae=vae, text_encoder=text)
 
 
 def unet_targets(unet, *, conv: bool = True) -> list:
