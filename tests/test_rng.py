@@ -82,6 +82,31 @@ def test_cpu_latent_shapes_match_torch(avx2_torch, seed, shape):
     assert_bits_equal(randn_cpu(seed, shape), torch_randn(avx2_torch, seed, shape))
 
 
+def _sweep_shapes():
+    """60 shapes from 1 to 200,000 elements, log-spaced, odd sizes and latent-like layouts mixed."""
+    sizes = sorted({int(round(v)) for v in np.geomspace(1, 200_000, 48)})
+    shapes = [(n,) for n in sizes]
+    shapes += [(1, 4, 100, 125), (2, 4, 50, 50), (1, 4, 128, 97), (3, 4, 33, 31), (1, 4, 223, 224)]
+    shapes += [(5, 7, 11), (1, 4, 1, 1), (2, 16), (9, 9, 9), (1, 4, 64, 65), (4, 4, 96, 1),
+               (199_999,)]
+    return shapes
+
+
+SWEEP_SEEDS = [0, 2**32 - 1, 2**63 + 7, 2**64 - 1, 7, 99, 12345, 2**40 + 3, 31337, 4294967296,
+               2**48 - 5, 1234567890123, 17, 2**33, 555, 2**62, 8675309, 2**31 - 1, 2**31, 1000003]
+
+
+def test_cpu_shape_and_seed_sweep_matches_torch(avx2_torch):
+    """>= 50 shapes (1 to 200,000 elements) x 20 seeds (0, 2**32-1 and 64-bit ones included),
+    each shape drawn with a rotating seed so every seed meets small and large shapes."""
+    shapes = _sweep_shapes()
+    assert len(shapes) >= 50 and len(SWEEP_SEEDS) >= 20
+    assert min(int(np.prod(s)) for s in shapes) == 1 and max(int(np.prod(s)) for s in shapes) == 200_000
+    for i, shape in enumerate(shapes):
+        for seed in (SWEEP_SEEDS[i % len(SWEEP_SEEDS)], SWEEP_SEEDS[(i + 7) % len(SWEEP_SEEDS)]):
+            assert_bits_equal(randn_cpu(seed, shape), torch_randn(avx2_torch, seed, shape))
+
+
 def test_cpu_many_seeds_large_latent_match_torch(avx2_torch):
     """~500k values: a multiply-add fused differently from torch's build shows up here."""
     for seed in range(3, 3000, 211):
