@@ -20,7 +20,7 @@ import numpy as np
 
 from edgesd.runtime.conformance import inputs as ci
 from edgesd.runtime.conformance.checks import (E2E, PIPELINE_TOLERANCE, TOLERANCE, AGAINST_STEPS, CheckFailed,
-                                               CheckSkipped, _run_cast)
+                                               CheckSkipped, _run_cast, output_errors)
 
 AGAINST_SEED = 7
 AGAINST_LATENT = (8, 6)
@@ -57,17 +57,9 @@ def check_component(ctx, component: str):
                           f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
     expected = expected if isinstance(expected, tuple) else (expected,)
     expected = {t.name: e.detach().float().numpy() for t, e in zip(spec.outputs, expected)}
-    got = _run_cast(session, feed, list(expected))
     precision = ctx.precision(component)
     tolerance = TOLERANCE[precision]
-    errors = {}
-    for name, value in got.items():
-        if value is None:
-            continue
-        if value.shape != expected[name].shape:
-            raise CheckFailed(f"output {name} is {value.shape} in ONNX, {expected[name].shape} in torch")
-        abs_err, rel = ci.compare(expected[name], value)
-        errors[name] = {"max_abs_error": abs_err, "relative_error": rel}
+    errors = output_errors(_run_cast(session, feed, list(expected)), expected, "in torch it")
     worst = max(errors, key=lambda n: errors[n]["relative_error"])
     details = {"precision": precision, "tolerance": tolerance, "outputs": errors, "source": str(ctx.against)}
     text = (f"{worst}: max abs {errors[worst]['max_abs_error']:.3g}, relative {errors[worst]['relative_error']:.2e} "

@@ -597,15 +597,7 @@ def check_golden(ctx: Context, component: str):
     expected = {k[len("output."):]: v for k, v in arrays.items() if k.startswith("output.")}
     precision = ctx.precision(component)
     tolerance = TOLERANCE[precision]
-    got = _run_cast(ctx.session(component), feed, list(expected))
-    errors = {}
-    for name, value in got.items():
-        if value is None:
-            continue
-        if value.shape != expected[name].shape:
-            raise CheckFailed(f"output {name} is {value.shape}, the golden output is {expected[name].shape}")
-        abs_err, rel = ci.compare(expected[name], value)
-        errors[name] = {"max_abs_error": abs_err, "relative_error": rel}
+    errors = output_errors(_run_cast(ctx.session(component), feed, list(expected)), expected, "the golden output")
     if not errors:
         raise CheckFailed("the graph gives none of the golden outputs")
     worst = max(errors, key=lambda n: errors[n]["relative_error"])
@@ -615,6 +607,19 @@ def check_golden(ctx: Context, component: str):
     if not errors[worst]["relative_error"] <= tolerance:
         raise CheckFailed(f"golden outputs drift past tolerance: {text}", details)
     return text, details
+
+
+def output_errors(got: dict, expected: dict, reference: str) -> dict:
+    """{output: {max_abs_error, relative_error}} for the outputs the graph gave (None: absent)."""
+    errors = {}
+    for name, value in got.items():
+        if value is None:
+            continue
+        if value.shape != expected[name].shape:
+            raise CheckFailed(f"output {name} is {value.shape}, {reference} is {expected[name].shape}")
+        abs_err, rel = ci.compare(expected[name], value)
+        errors[name] = {"max_abs_error": abs_err, "relative_error": rel}
+    return errors
 
 
 def _run_cast(session, feed: dict, output_names: list) -> dict:
