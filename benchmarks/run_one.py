@@ -21,6 +21,14 @@ PROMPT = "a photograph of an astronaut riding a horse"
 
 
 def peak_rss_mb() -> float:
+    """This process's peak RSS. Linux's VmHWM starts afresh at exec; getrusage's ru_maxrss
+    would inherit the high-water mark of the parent that forked us."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
