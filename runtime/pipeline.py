@@ -250,7 +250,7 @@ class Pipeline:
             x = x * job.mask.latent + job.latent * (1 - job.mask.latent)
         x = (x * out_scale).astype(np.float32)
         if hr is not None:
-            x = self.hires_pass(x, hr, width, height, ImageNoise, (seeds, rng, subseeds, subseed_strength, ensd),
+            x = self.hires_pass(x, hr, width, height, (seeds, rng, subseeds, subseed_strength, ensd),
                                 sampler, schedule, self.make_denoiser(cond, uncond, guidance_scale, timings),
                                 callback, sampler_options, vae_tiling)
 
@@ -273,7 +273,7 @@ class Pipeline:
                      for p, n, s, sub in zip(prompts, negatives, seeds, subseeds or seeds)]
         return GenerationResult(images, infotexts, seeds, timings)
 
-    def hires_pass(self, x, hr, width, height, noise_cls, noise_args, sampler, schedule, denoise, callback,
+    def hires_pass(self, x, hr, width, height, noise_args, sampler, schedule, denoise, callback,
                    sampler_options, tiling) -> np.ndarray:
         """The hires fix's second pass on first-pass latents `x`, as A1111's sample_hr_pass:
         upscale, fresh noise from the images' seeds at the new size, then img2img."""
@@ -284,7 +284,7 @@ class Pipeline:
         else:
             pixels = hires.resize_images(self.decode(x, tiling=bool(tiling)), width, height, hr.upscaler)
             latent = np.concatenate([self.encode_image(p[None], bool(tiling)) for p in pixels])
-        noise = noise_cls(shape[1:], *noise_args)
+        noise = ImageNoise(shape[1:], *noise_args)
         sigmas = schedulers.sigmas_for(sampler, schedule, hr.steps, self.sigma_table)
         sigmas = sigmas[img2img.start_index(hr.steps, hr.strength):]
         x = (latent + noise.first() * np.float32(sigmas[0])).astype(np.float32)

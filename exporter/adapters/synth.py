@@ -31,6 +31,12 @@ def base_model(family: str = "sd1", size: str = "tiny", seed: int = 0):
     return SimpleNamespace(family=family_obj, configs=configs, unet=unet, vae=vae, text_encoder=text)
 
 
+def kohya_targets(model) -> list:
+    """(kohya prefix, module path, module) for a LyCORIS file over the UNet and text encoder."""
+    return ([("lora_unet", p, m) for p, m in unet_targets(model.unet)]
+            + [("lora_te", text_checkpoint_key(p), m) for p, m in text_targets(model.text_encoder)])
+
+
 def unet_targets(unet, *, conv: bool = True) -> list:
     """(path, module) of the UNet layers a typical LoRA/LoCon trains: attention projections,
     feed-forward, proj_in/out (1x1 conv), and with `conv` the resnet and sampler 3x3 convs."""
@@ -133,8 +139,7 @@ def write_loha(model, out, *, rank: int = 4, seed: int = 0, tucker: bool = True,
 
     g = torch.Generator().manual_seed(seed)
     state = {}
-    targets = [("lora_unet", p, m) for p, m in unet_targets(model.unet)]
-    targets += [("lora_te", text_checkpoint_key(p), m) for p, m in text_targets(model.text_encoder)]
+    targets = kohya_targets(model)
     for i, (prefix, path, module) in enumerate(targets):
         name = kohya_name(prefix, path)
         w = module.weight
@@ -165,8 +170,7 @@ def write_lokr(model, out, *, rank: int = 2, seed: int = 0, alphas: str = "mixed
 
     g = torch.Generator().manual_seed(seed)
     state = {}
-    targets = [("lora_unet", p, m) for p, m in unet_targets(model.unet)]
-    targets += [("lora_te", text_checkpoint_key(p), m) for p, m in text_targets(model.text_encoder)]
+    targets = kohya_targets(model)
     for i, (prefix, path, module) in enumerate(targets):
         name = kohya_name(prefix, path)
         w = module.weight
