@@ -8,8 +8,10 @@ the caller draws that from `numpy.random.default_rng(seed)`.
 """
 
 import inspect
+import os
 import math
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -17,6 +19,7 @@ from edgesd.errors import InvalidArgumentError
 
 _STEP_STREAM = 0x5EED
 _TREE_STREAM = 0xB7EE
+_TREE_THREADS = min(os.cpu_count() or 1, 8)
 
 
 def image_seeds(seed, batch):
@@ -43,10 +46,12 @@ def gaussian_noise(x, seed=None):
         rng = np.random.default_rng()
         return lambda sigma=None, sigma_next=None: rng.standard_normal(x.shape, dtype=np.float32).astype(x.dtype)
     gens = [np.random.default_rng([_entropy(s), _STEP_STREAM]) for s in seeds]
-    shape = x.shape[1:]
 
     def draw(sigma=None, sigma_next=None):
-        return np.stack([g.standard_normal(shape, dtype=np.float32) for g in gens]).astype(x.dtype, copy=False)
+        out = np.empty(x.shape, np.float32)
+        for g, row in zip(gens, out):
+            g.standard_normal(out=row, dtype=np.float32)
+        return out.astype(x.dtype, copy=False)
 
     return draw
 
@@ -79,7 +84,18 @@ class BrownianTree:
     def _normal(self, kind, index):
         # Philox counter blocks [0, 0, index, kind] are disjoint for distinct nodes.
         bits = np.random.Philox(key=self.key, counter=[0, 0, index & (2**64 - 1), kind])
-        return np.random.Generator(bits).standard_normal(self.shape, dtype=np.float32).astype(self.dtype, copy=False)
+        out = np.empty(self.shape, np.float32)
+        np.random.Generator(bits).standard_normal(out=out, dtype=np.float32)
+        return out.astype(self.dtype, copy=False)
+
+    @staticmethod
+    def _bridge(a, t, b, wa, wb, z):
+        """The Brownian bridge from (a, wa) to (b, wb) at t, given standard normal z (reused
+        as the output buffer)."""
+        z *= math.sqrt((t - a) * (b - t) / (b - a))
+        z += wa
+        z += ((t - a) / (b - a)) * (wb - wa)
+        return z
 
     def _split(self, a, b):
         return math.sqrt(a * b) if self.geometric else 0.5 * (a + b)
@@ -90,9 +106,7 @@ class BrownianTree:
     def _midpoint(self, node, a, m, b, wa, wb):
         w = self.cache.get(node)
         if w is None:
-            w = wa + ((m - a) / (b - a)) * (wb - wa)
-            w += math.sqrt((m - a) * (b - m) / (b - a)) * self._normal(1, node)
-            self.cache[node] = w
+            w = self.cache[node] = self._bridge(a, m, b, wa, wb, self._normal(1, node))
             if len(self.cache) > self.cache_size:
                 self.cache.popitem(last=False)
         else:
@@ -126,8 +140,7 @@ class BrownianTree:
                 b, wb, node = m, wm, 2 * node
             else:
                 a, wa, node = m, wm, 2 * node + 1
-        mean = wa + ((t - a) / (b - a)) * (wb - wa)
-        return mean + math.sqrt((t - a) * (b - t) / (b - a)) * self._normal(2, int(np.float64(t).view(np.uint64)))
+        return self._bridge(a, t, b, wa, wb, self._normal(2, int(np.float64(t).view(np.uint64))))
 
 
 def brownian_noise(x, sigma_min, sigma_max, seed=None):
@@ -137,10 +150,18 @@ def brownian_noise(x, sigma_min, sigma_max, seed=None):
     if seeds is None:
         seeds = [int(s) for s in np.random.default_rng().integers(0, 2**63 - 1, x.shape[0])]
     trees = [BrownianTree(x.shape[1:], sigma_min, sigma_max, s, x.dtype) for s in seeds]
+    # numpy releases the GIL while it draws and adds, so the images' trees walk in parallel
+    pool = ThreadPoolExecutor(min(len(trees), _TREE_THREADS)) if len(trees) > 1 and _TREE_THREADS > 1 else None
 
     def draw(sigma, sigma_next):
         scale = 1.0 / np.sqrt(abs(float(sigma_next) - float(sigma)))
-        return np.stack([(tr(sigma_next) - tr(sigma)) * scale for tr in trees]).astype(x.dtype, copy=False)
+        out = np.empty(x.shape, x.dtype)
+
+        def one(i):
+            np.multiply(np.subtract(trees[i](sigma_next), trees[i](sigma), out=out[i]), scale, out=out[i])
+
+        list(pool.map(one, range(len(trees))) if pool else map(one, range(len(trees))))
+        return out
 
     return draw
 
