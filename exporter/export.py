@@ -21,13 +21,17 @@ TMP_MARK = ".edgesd-tmp-"
 
 
 def export(source, out, *, config=None, prediction=None, overwrite: bool = False, verify: bool = True,
-           progress: bool = True, loras=(), hypernetworks=(), lenient: bool = False) -> dict:
+           progress: bool = True, loras=(), hypernetworks=(), lenient: bool = False, quantize: str | None = None) -> dict:
     """Export `source` to the folder `out`; returns the manifest written.
 
     `loras` (`FILE[:UNET_W[:TE_W]]` or LoraArg) are fused into the weights and `hypernetworks`
-    (`FILE[:STRENGTH]`) added to the UNet graph, in order (see exporter.adapters).
+    (`FILE[:STRENGTH]`) added to the UNet graph, in order (see exporter.adapters). `quantize`
+    ("int8", "int8-conv") stores the UNet's weights as int8 (see exporter.quantize).
     """
     from edgesd.exporter.adapters import check_adapter_files, parse_hypernetwork_arg, parse_lora_arg
+    from edgesd.exporter.quantize import check_mode
+
+    check_mode(quantize)
 
     loras = [parse_lora_arg(a) for a in loras]
     hypernetworks = [parse_hypernetwork_arg(a) for a in hypernetworks]
@@ -46,7 +50,7 @@ def export(source, out, *, config=None, prediction=None, overwrite: bool = False
     tmp.mkdir()
     try:
         manifest = build_folder(source, tmp, config=config, prediction=prediction, verify=verify, progress=progress,
-                                loras=loras, hypernetworks=hypernetworks, lenient=lenient)
+                                loras=loras, hypernetworks=hypernetworks, lenient=lenient, quantize=quantize)
         replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -84,7 +88,7 @@ def replace_folder(new: Path, out: Path) -> None:
 
 
 def build_folder(source, folder: Path, *, config=None, prediction=None, verify=True, progress=True,
-                 loras=(), hypernetworks=(), lenient=False) -> dict:
+                 loras=(), hypernetworks=(), lenient=False, quantize=None) -> dict:
     import diffusers
     import onnx
     import torch
@@ -93,6 +97,7 @@ def build_folder(source, folder: Path, *, config=None, prediction=None, verify=T
     from edgesd import __version__
     from edgesd.exporter.load import load_model, require_exportable
     from edgesd.exporter.onnx_export import OPSET, export_component, verify_component
+    from edgesd.exporter.quantize import MIN_SNR_DB, QUANTIZED_COMPONENTS, quantize_component
     from edgesd.exporter.tokenizer_files import write_clip_tokenizer
     from edgesd.models.families import sample_size
 
@@ -120,6 +125,15 @@ def build_folder(source, folder: Path, *, config=None, prediction=None, verify=T
             if verify:
                 bar.set_postfix_str(f"{spec.name}: verify")
                 entry["verification"] = verify_component(spec, loaded, configs, path)
+            if quantize and spec.name in QUANTIZED_COMPONENTS:
+                bar.set_postfix_str(f"{spec.name}: quantize")
+                entry.update(precision="int8", quantization=quantize_component(path, quantize),
+                             sha256=sha256_file(path), external_data=None)
+                entry.pop("external_data_sha256", None)
+                if data.exists():
+                    entry.update(external_data=f"{spec.name}/model.onnx_data", external_data_sha256=sha256_file(data))
+                if verify:
+                    entry["verification"] = verify_component(spec, loaded, configs, path, min_snr_db=MIN_SNR_DB)
             bar.update()
             components[spec.name] = entry
         bar.set_postfix_str("configs")
@@ -139,7 +153,7 @@ def build_folder(source, folder: Path, *, config=None, prediction=None, verify=T
         "variant": loaded.variant,
         "prediction_type": configs["scheduler"].get("prediction_type", "epsilon"),
         "sample_size": sample_size(configs),
-        "precision": "fp32",
+        "precision": "int8" if quantize else "fp32",
         "components": components,
         "source": loaded.source,
         "exporter": {"version": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,

@@ -106,12 +106,16 @@ def _has_external_data(folder: Path) -> bool:
     return any(p.name != "model.onnx" for p in folder.iterdir())
 
 
-def verify_component(spec, model, configs: dict, path: Path, *, tolerance: float = FP32_TOLERANCE) -> dict:
+def verify_component(spec, model, configs: dict, path: Path, *, tolerance: float = FP32_TOLERANCE,
+                     min_snr_db: float | None = None) -> dict:
     """Run torch and onnxruntime on seeded inputs of two shapes; return the errors.
 
     The second shape differs from the traced one in batch and spatial size, so a dynamic
-    axis that was frozen during tracing shows up here as a failure.
+    axis that was frozen during tracing shows up here as a failure. A quantized graph is
+    judged by its output SNR (`min_snr_db`) instead of the exact-export tolerance.
     """
+    from edgesd.exporter.quantize import output_snr_db
+
     import onnxruntime as ort
     import torch
 
@@ -122,6 +126,8 @@ def verify_component(spec, model, configs: dict, path: Path, *, tolerance: float
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     worst = {"max_abs_error": 0.0, "relative_error": 0.0, "tolerance": tolerance}
+    if min_snr_db is not None:
+        worst = {"max_abs_error": 0.0, "relative_error": 0.0, "min_snr_db": min_snr_db, "snr_db": 300.0}
     for seed, batch, hw in ((1, 2, (9, 11)), (2, 1, (8, 6))):
         inputs = example_inputs(spec, configs, batch=batch, latent_hw=hw, seed=seed)
         with torch.no_grad():
@@ -139,7 +145,14 @@ def verify_component(spec, model, configs: dict, path: Path, *, tolerance: float
                 raise ExportError(f"{spec.name}: output {name} is not finite in ONNX")
             if rel > worst["relative_error"]:
                 worst.update(max_abs_error=err, relative_error=rel)
+            if min_snr_db is not None:
+                worst["snr_db"] = min(worst["snr_db"], output_snr_db(e, g))
         check_input_defaults(spec, session, feed)
+    if min_snr_db is not None:
+        if not worst["snr_db"] >= min_snr_db:
+            raise ExportError(f"{spec.name}: the quantized graph's output is {worst['snr_db']:.1f} dB SNR against "
+                              f"torch, below the {min_snr_db:g} dB floor; export without --quantize")
+        return worst
     if worst["relative_error"] > tolerance:
         raise ExportError(
             f"{spec.name}: ONNX output differs from torch by {worst['relative_error']:.2e} of the output "

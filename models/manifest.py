@@ -14,7 +14,7 @@ from edgesd.errors import ModelFolderError
 
 MANIFEST_FILE = "edgesd.json"
 FORMAT_VERSION = 1
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 VARIANTS = ("base", "inpaint")
 
@@ -25,7 +25,7 @@ SCHEMA = {
     "variant": (str, "base or inpaint (9-channel UNet input)"),
     "prediction_type": (str, "epsilon or v_prediction"),
     "sample_size": (int, "default image size in pixels"),
-    "precision": (str, "fp32 or fp16 (of the UNet and text encoder)"),
+    "precision": (str, "fp32, fp16 or int8 (of the UNet and text encoder; int8: the UNet's weights)"),
     "components": (dict, "name -> {path, sha256, external_data, precision, verification, golden (optional)}"),
     "source": (dict, "{file, sha256, format} of the checkpoint exported"),
     "exporter": (dict, "{version, torch, diffusers, onnx, opset}"),

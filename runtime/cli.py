@@ -43,12 +43,20 @@ def cmd_export(args):
     manifest = export(args.source, args.output, config=args.config, prediction=args.prediction,
                       overwrite=args.overwrite,
                       verify=not args.no_verify, progress=not args.quiet,
-                      loras=args.lora, hypernetworks=args.hypernetwork, lenient=args.lenient)
-    errors = {k: v.get("verification", {}).get("relative_error") for k, v in manifest["components"].items()}
+                      loras=args.lora, hypernetworks=args.hypernetwork, lenient=args.lenient, quantize=args.quantize)
     print(f"exported {manifest['family']} ({manifest['variant']}, {manifest['prediction_type']}) to {args.output}")
-    for name, err in errors.items():
-        print(f"  {name:13s} verified: {'skipped' if err is None else f'relative error {err:.1e}'}")
+    for name, entry in manifest["components"].items():
+        print(f"  {name:13s} verified: {verification_text(entry)}")
     print_adapters(manifest)
+
+
+def verification_text(entry: dict) -> str:
+    check = entry.get("verification")
+    if not check:
+        return "skipped"
+    if "snr_db" in check:
+        return f"{entry.get('precision')} output SNR {check['snr_db']:.1f} dB vs torch"
+    return f"relative error {check['relative_error']:.1e}"
 
 
 def print_adapters(manifest: dict) -> None:
@@ -248,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hypernetwork", action="append", default=[], metavar="FILE[:STRENGTH]",
                    help="A1111 hypernetwork .pt to bake into the UNet graph (repeatable, chained in order)")
     p.add_argument("--lenient", action="store_true", help="adapter keys that match no module warn instead of failing")
+    p.add_argument("--quantize", default=None, metavar="MODE",
+                   help="int8: the UNet's attention/linear weights as int8 (ONNX Runtime dynamic quantization); "
+                        "int8-conv: its convolutions too")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("synth-adapter", help="write a synthetic adapter file (seeded random weights, public layout)")

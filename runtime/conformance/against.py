@@ -80,7 +80,8 @@ def check_pipeline(ctx):
         raise CheckSkipped(f"the whole-pipeline comparison uses StableDiffusionPipeline, which does not run "
                            f"{ctx.family.title}; its components were compared")
     loaded = ctx.loaded()
-    precision = "fp16" if "fp16" in (ctx.precision(c) for c in ("unet", "text_encoder") if c in ctx.specs) else "fp32"
+    precisions = {ctx.precision(c) for c in ("unet", "text_encoder") if c in ctx.specs}
+    precision = next((p for p in ("int8", "fp16") if p in precisions), "fp32")  # the loosest one present
     ctx.release_sessions()
     pipe = Pipeline.from_pretrained(ctx.path, provider=ctx.provider)
     if pipe.folder.variant != "base":

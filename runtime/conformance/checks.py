@@ -29,9 +29,11 @@ from edgesd.runtime.conformance import inputs as ci
 
 GROUPS = ("structure", "contract", "golden", "e2e", "against")
 # Tolerances: max abs error relative to the reference output's largest magnitude.
-TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2}
+# int8 (dynamic quantization, exporter/quantize.py) is a deliberate approximation: its bound
+# catches a broken or tampered graph, not rounding.
+TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2, "int8": 0.15}
 # End-to-end against diffusers: max abs difference on [0, 1] pixels.
-PIPELINE_TOLERANCE = {"fp32": 2e-3, "fp16": 3e-2}
+PIPELINE_TOLERANCE = {"fp32": 2e-3, "fp16": 3e-2, "int8": 0.25}
 SWEEP_BATCHES = (1, 2)
 SWEEP_LATENTS = ((8, 8), (6, 10))  # one square and one non-square size (64x64 and 80x48 pixels at /8)
 E2E = {"prompt": "a red circle on a black background", "negative_prompt": "blurry", "num_inference_steps": 4,
