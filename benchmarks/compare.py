@@ -6,6 +6,7 @@ repetitions; medians and ratios are printed (and written to docs/ with --write-d
 
     python benchmarks/compare.py --sizes 256 --repeats 3
     python benchmarks/compare.py --optimum-python /path/to/venv-with-optimum/bin/python
+    python benchmarks/compare.py --variants int8 low-memory int8+low-memory   # edgesd's opt-in modes too
 
 Peers that are not installed are skipped and reported as such.
 """
@@ -50,6 +51,10 @@ def prepare(args) -> dict:
     if not paths["diffusers"].exists():
         print("writing the diffusers folder ...", flush=True)
         write_diffusers_folder(paths["checkpoint"], paths["diffusers"])
+    if any(v.startswith("int8") for v in args.variants) and not (cache / "edgesd-int8").exists():
+        print("exporting with edgesd --quantize int8 ...", flush=True)
+        export(paths["checkpoint"], cache / "edgesd-int8", progress=True, quantize="int8")
+    paths["edgesd-int8"] = cache / "edgesd-int8"
     if args.optimum_python and not paths["optimum"].exists():
         print("exporting with optimum ...", flush=True)
         subprocess.run([args.optimum_python, "-m", "optimum.commands.optimum_cli", "export", "onnx", "--model",
@@ -104,9 +109,10 @@ def unet_gflop(diffusers_dir: Path, size: int) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def run_system(system: str, python: str, model: Path, args, size: int) -> dict | None:
-    cmd = [python, str(HERE / "run_one.py"), system, str(model), "--size", str(size), "--steps", str(args.steps),
-           "--cfg", "7", "--threads", str(args.threads)]
+def run_system(system: str, python: str, model: Path, args, size: int, extra=()) -> dict | None:
+    runner = "edgesd" if system.startswith("edgesd") else system
+    cmd = [python, str(HERE / "run_one.py"), runner, str(model), "--size", str(size), "--steps", str(args.steps),
+           "--cfg", "7", "--threads", str(args.threads), *extra]
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
@@ -126,36 +132,66 @@ def main() -> None:
     parser.add_argument("--optimum-python", help="python of an environment with optimum-onnx installed")
     parser.add_argument("--sdcpp-python", help="python of an environment with stable-diffusion-cpp-python")
     parser.add_argument("--skip-diffusers", action="store_true")
+    parser.add_argument("--variants", nargs="*", default=[], choices=sorted(VARIANTS),
+                        help="edgesd's opt-in modes to run beside the exact one")
     parser.add_argument("--write-docs", action="store_true", help="write docs/benchmarks.md")
     args = parser.parse_args()
 
     paths = prepare(args)
-    systems = {"edgesd": (sys.executable, paths["edgesd"])}
+    systems = {"edgesd": (sys.executable, paths["edgesd"], ())}
+    for variant in args.variants:
+        folder, extra = VARIANTS[variant]
+        systems[f"edgesd {variant}"] = (sys.executable, paths[folder], extra)
     if args.optimum_python:
-        systems["optimum"] = (args.optimum_python, paths["optimum"])
+        systems["optimum"] = (args.optimum_python, paths["optimum"], ())
     if not args.skip_diffusers:
-        systems["diffusers"] = (sys.executable, paths["diffusers"])
+        systems["diffusers"] = (sys.executable, paths["diffusers"], ())
     if args.sdcpp_python:
-        systems["sdcpp"] = (args.sdcpp_python, paths["checkpoint"])
+        systems["sdcpp"] = (args.sdcpp_python, paths["checkpoint"], ())
     peak = matmul_peak_gflops()
     lines = [f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
              f"Python {platform.python_version()}; numpy float32 matmul peak {peak:.0f} GFLOP/s", ""]
     for size in args.sizes:
         runs = {s: [] for s in systems}
+        images = {}
         for rep in range(args.repeats):
             order = list(systems) if rep % 2 == 0 else list(reversed(systems))
             for system in order:
-                python, model = systems[system]
-                result = run_system(system, python, model, args, size)
+                python, model, extra = systems[system]
+                if system.startswith("edgesd"):
+                    images[system] = cache_dir(args) / f"image-{size}-{system.replace(' ', '-')}.npy"
+                    extra = (*extra, "--save", str(images[system]))
+                result = run_system(system, python, model, args, size, extra)
                 if result:
                     runs[system].append(result)
                     print(f"  {size}px rep {rep + 1} {system}: {result['wall_s']:.2f} s, "
                           f"{result['peak_rss_mb']:.0f} MB", flush=True)
         lines += report(size, runs, peak, unet_gflop(paths["diffusers"], size), args)
+        lines += quality(images)
     text = "\n".join(lines)
     print(text)
     if args.write_docs:
         (ROOT / "docs" / "benchmarks.md").write_text("# Benchmarks\n\n" + text + "\n")
+
+
+# variant -> (the export it runs, run_one.py options)
+VARIANTS = {"int8": ("edgesd-int8", ()), "low-memory": ("edgesd", ("--low-memory",)),
+            "int8+low-memory": ("edgesd-int8", ("--low-memory",))}
+
+
+def quality(images: dict) -> list:
+    """PSNR of each edgesd variant's image against the exact fp32 one (same seed and settings)."""
+    import numpy as np
+
+    if "edgesd" not in images or len(images) < 2 or not images["edgesd"].exists():
+        return []
+    exact = np.load(images["edgesd"])
+    lines = ["| edgesd variant | PSNR vs exact fp32 |", "|---|---|"]
+    for name, path in images.items():
+        if name != "edgesd" and path.exists():
+            mse = float(np.mean((np.load(path).astype(np.float64) - exact) ** 2))
+            lines.append(f"| {name} | {'identical' if mse == 0 else f'{10 * np.log10(1 / mse):.1f} dB'} |")
+    return [*lines, ""]
 
 
 def report(size: int, runs: dict, peak: float, gflop: float, args) -> list:

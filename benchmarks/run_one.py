@@ -1,6 +1,6 @@
 """Run one system once (in its own process) and print a JSON line of measurements.
 
-    python benchmarks/run_one.py edgesd  MODEL_DIR --size 256 --steps 4 --cfg 7
+    python benchmarks/run_one.py edgesd  MODEL_DIR --size 256 --steps 4 --cfg 7 [--low-memory] [--save X.npy]
     python benchmarks/run_one.py optimum OPTIMUM_DIR ...
     python benchmarks/run_one.py diffusers DIFFUSERS_DIR ...
     python benchmarks/run_one.py sdcpp CHECKPOINT ...
@@ -47,7 +47,8 @@ def run_edgesd(args) -> dict:
             session_time["t"] += time.perf_counter() - start
 
     model_folder.Session.run = timed_run
-    pipe = Pipeline.from_pretrained(args.model, provider="cpu")
+    options = {"low_memory": True} if args.low_memory else {}
+    pipe = Pipeline.from_pretrained(args.model, provider="cpu", **options)
     kwargs = dict(num_inference_steps=args.steps, guidance_scale=args.cfg, height=args.size, width=args.size,
                   seed=1, sampler="Euler", output_type="np")
     pipe(PROMPT, **kwargs)  # warm-up
@@ -55,6 +56,10 @@ def run_edgesd(args) -> dict:
     start = time.perf_counter()
     result = pipe(PROMPT, **kwargs)
     wall = time.perf_counter() - start
+    if args.save:
+        import numpy as np
+
+        np.save(args.save, result.images[0])
     t = result.timings
     return {"wall_s": wall, "text_encoder_s": t["text_encoder"], "unet_s": t["unet"],
             "unet_step_s": t["unet"] / args.steps, "vae_s": t["vae_decoder"],
@@ -115,6 +120,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--cfg", type=float, default=7.0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--low-memory", action="store_true", help="edgesd: Pipeline(low_memory=True)")
+    parser.add_argument("--save", help="edgesd: save the image (.npy) for quality comparisons")
     args = parser.parse_args()
     result = RUNNERS[args.system](args)
     result.update(system=args.system, size=args.size, steps=args.steps, peak_rss_mb=peak_rss_mb())

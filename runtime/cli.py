@@ -154,7 +154,7 @@ def cmd_generate(args):
     if not out.parent.exists():
         raise InvalidArgumentError(f"{out.parent}: output folder does not exist")
     kwargs = generation_kwargs(args)
-    pipe = Pipeline.from_pretrained(args.model, provider=args.provider)
+    pipe = Pipeline.from_pretrained(args.model, provider=args.provider, low_memory=args.low_memory)
     result = pipe(num_images_per_prompt=args.batch, **kwargs)
     for i, (image, info) in enumerate(zip(result.images, result.infotexts)):
         path = out if len(result.images) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
@@ -305,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "2 = the one before, ...")
     p.add_argument("--emphasis", default=None, help="(word:1.2) weighting: Original (default), No norm, Ignore, None")
     p.add_argument("--vae-tiling", action="store_true", help="decode large images in overlapping tiles (less memory)")
+    p.add_argument("--low-memory", action="store_true",
+                   help="load one component at a time and free it after its stage; no arenas; tiled VAE")
     p.add_argument("--hr-scale", type=float, default=None, help="hires fix: upscale factor of a second img2img pass")
     p.add_argument("--hr-upscaler", default=None, help="hires upscaler: Latent (default), Latent (nearest), "
                    "Latent (nearest-exact), Lanczos, Nearest")

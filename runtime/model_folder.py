@@ -106,3 +106,42 @@ class Session:
     def run(self, outputs: list | None = None, **feeds) -> list:
         feed = {name: np.asarray(value, dtype=self.input_dtypes[name]) for name, value in feeds.items()}
         return self.session.run(outputs or self.output_names, feed)
+
+
+class LazySession:
+    """A Session opened on first use and closed by `release()`, for low-memory pipelines
+    that hold one component's weights at a time. Thread-safe: concurrent first uses open
+    it once. It reads like a Session."""
+
+    def __init__(self, folder: ModelFolder, component: str, providers: list, options_factory):
+        import threading
+
+        self.folder, self.component, self.providers = folder, component, providers
+        self.options_factory = options_factory
+        self._session = None
+        self._lock = threading.Lock()
+
+    def _open(self) -> Session:
+        with self._lock:
+            if self._session is None:
+                self._session = self.folder.session(self.component, self.providers, self.options_factory())
+            return self._session
+
+    def release(self) -> None:
+        with self._lock:
+            self._session = None
+
+    def __getattr__(self, name):  # input_dtypes, input_ranks, output_names, run, spec
+        return getattr(self._open(), name)
+
+
+def low_memory_options():
+    """Session options that give memory back after each run: no CPU arena, no memory
+    pattern planning (both keep the largest allocation for reuse)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.enable_cpu_mem_arena = False
+    options.enable_mem_pattern = False
+    return options

@@ -22,7 +22,7 @@ from edgesd.runtime import providers as provider_names
 from edgesd.runtime.images import to_pil, to_unit_nhwc
 from edgesd.runtime import hires, img2img, vae_tiling
 from edgesd.runtime.infotext import call_arguments, create_infotext, parse_infotext
-from edgesd.runtime.model_folder import ModelFolder
+from edgesd.runtime.model_folder import LazySession, ModelFolder, low_memory_options
 from edgesd.runtime.prompts import check_emphasis, encode_prompts as encode_prompt_chunks
 from edgesd.runtime.seeds import RNG_LABELS, ImageNoise, check_variation, uses_eta_noise
 from edgesd.runtime.tokenizer import ClipTokenizer
@@ -48,13 +48,14 @@ class GenerationResult:
 class Pipeline:
     """A loaded model folder. Thread-safe for concurrent calls: all per-call state is local."""
 
-    def __init__(self, folder: ModelFolder, providers: list):
+    def __init__(self, folder: ModelFolder, providers: list, low_memory: bool = False):
         self.folder = folder
         self.providers = providers
+        self.low_memory = bool(low_memory)
         self.tokenizer = ClipTokenizer(folder.path / "tokenizer")
-        self.text_encoder = folder.session("text_encoder", providers)
-        self.unet = folder.session("unet", providers)
-        self.vae_decoder = folder.session("vae_decoder", providers)
+        for component in ("text_encoder", "unet", "vae_decoder"):
+            setattr(self, component, LazySession(folder, component, providers, low_memory_options)
+                    if self.low_memory else folder.session(component, providers))
         self._vae_encoder = None
         scheduler = folder.configs["scheduler"]
         self.sigma_table = schedulers.sigma_table(
@@ -69,8 +70,16 @@ class Pipeline:
         self.model_hash = source.get("sha256", "")[:10] or None
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, provider: str = "auto") -> "Pipeline":
-        return cls(ModelFolder.open(path), provider_names.resolve(provider))
+    def from_pretrained(cls, path: str | Path, provider: str = "auto", low_memory: bool = False) -> "Pipeline":
+        """`low_memory`: hold one component's weights at a time (each is loaded when its stage
+        starts and freed when it ends), no memory arenas, and tiled VAE decoding/encoding:
+        the peak is about the largest component instead of all of them, for a reload per stage."""
+        return cls(ModelFolder.open(path), provider_names.resolve(provider), low_memory)
+
+    def stage_done(self, component: str) -> None:
+        """Low-memory mode frees a component's session when its stage ends (reopened if needed again)."""
+        if self.low_memory:
+            getattr(self, component).release()
 
     # -- text -------------------------------------------------------------------------
 
@@ -116,6 +125,7 @@ class Pipeline:
 
         `image_cond` (inpainting models: mask + masked-image latent) is appended to the scaled
         latent's channels unscaled, as LDM's hybrid conditioning and diffusers do."""
+        self.stage_done("text_encoder")  # the prompts are encoded by now
         table, prediction = self.sigma_table, self.folder.prediction_type
         dtype = self.unet.input_dtypes["sample"]
         context = cond if uncond is None else np.concatenate([cond, uncond])
@@ -149,14 +159,17 @@ class Pipeline:
 
         `tiling`: decode latents larger than the model's sample size in overlapping tiles
         (runtime/vae_tiling.py), bounding memory further for large images."""
+        self.stage_done("unet")  # sampling is over (a hires pass reopens it)
         dtype = self.vae_decoder.input_dtypes["latent_sample"]
 
         def run(latent):
             return self.vae_decoder.run(latent_sample=(latent / self.scaling_factor).astype(dtype))[0]
 
         tile = self.folder.sample_size // self.vae_scale
+        tiling = tiling or self.low_memory
         images = [vae_tiling.tiled_decode(run, l[None], tile, self.vae_scale)
                   if tiling and vae_tiling.needs_tiling(l, tile) else run(l[None]) for l in latents]
+        self.stage_done("vae_decoder")
         return to_unit_nhwc(np.concatenate(images))
 
     def __call__(self, prompt, negative_prompt="", num_inference_steps: int = 20, guidance_scale: float = 7.0,
@@ -299,7 +312,8 @@ class Pipeline:
     def vae_encoder(self):
         """The encoder session, opened on first use (txt2img never needs it)."""
         if self._vae_encoder is None:
-            self._vae_encoder = self.folder.session("vae_encoder", self.providers)
+            self._vae_encoder = (LazySession(self.folder, "vae_encoder", self.providers, low_memory_options)
+                                 if self.low_memory else self.folder.session("vae_encoder", self.providers))
         return self._vae_encoder
 
     def encode_image(self, pixels: np.ndarray, tiling: bool = False) -> np.ndarray:
@@ -315,10 +329,11 @@ class Pipeline:
             return self.vae_encoder.run(["latent_parameters"], sample=tile.astype(dtype))[0]
 
         tile = self.folder.sample_size // self.vae_scale
-        if tiling and vae_tiling.needs_tiling(pixels, tile * self.vae_scale):
+        if (tiling or self.low_memory) and vae_tiling.needs_tiling(pixels, tile * self.vae_scale):
             params = vae_tiling.tiled_encode(run, pixels, tile, self.vae_scale)
         else:
             params = run(pixels).astype(np.float32)
+        self.stage_done("vae_encoder")
         return params[:, : self.latent_channels] * np.float32(self.scaling_factor)
 
     def check_img2img(self, init_image, strength, mask_image, fill) -> float | None:
