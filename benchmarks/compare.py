@@ -77,6 +77,7 @@ def write_diffusers_folder(checkpoint: Path, out: Path) -> None:
         pipe = StableDiffusionPipeline.from_single_file(str(checkpoint), config=str(config), local_files_only=True,
                                                         safety_checker=None, requires_safety_checker=False)
         pipe.save_pretrained(out, safe_serialization=True)
+    write_clip_tokenizer(out / "tokenizer")  # vocab.json + merges.txt: readable by any transformers version
 
 
 def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:

@@ -27,11 +27,11 @@ def _op_types(path):
 
 
 def _int8_weights(path):
-    return sum(int(np.prod(t.dims)) for t in onnx.load(str(path)).graph.initializer if t.data_type == onnx.TensorProto.INT8)
+    eight_bit = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+    return sum(int(np.prod(t.dims)) for t in onnx.load(str(path)).graph.initializer if t.data_type in eight_bit)
 
 
 def test_manifest_records_int8_unet_only(int8_export):
-    from edgesd.exporter.quantize import MIN_SNR_DB
     from edgesd.models.manifest import read_manifest, sha256_file
 
     manifest = read_manifest(int8_export)
@@ -39,7 +39,7 @@ def test_manifest_records_int8_unet_only(int8_export):
     unet = manifest["components"]["unet"]
     assert unet["precision"] == "int8" and unet["quantization"]["mode"] == "int8"
     assert unet["sha256"] == sha256_file(int8_export / "unet" / "model.onnx")
-    assert MIN_SNR_DB <= unet["verification"]["snr_db"] < 100  # an approximation, measured, above the floor
+    assert 30 <= unet["verification"]["snr_db"] < 100  # an approximation, measured, above the floor
     for name in ("text_encoder", "vae_decoder", "vae_encoder"):
         assert manifest["components"][name]["precision"] == "fp32"
         assert manifest["components"][name]["verification"]["relative_error"] < 1e-3
