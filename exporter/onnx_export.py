@@ -26,7 +26,7 @@ def export_component(spec, model, configs: dict, folder: Path, *, opset: int = O
 
     from edgesd.exporter.graphs import example_inputs, graph_for
 
-    graph = graph_for(spec.name, model)
+    graph = graph_for(spec, model)
     inputs = example_inputs(spec, configs, batch=2, latent_hw=(9, 11), seed=0)
     target = folder / spec.name
     scratch = folder / (spec.name + ".trace")
@@ -117,7 +117,7 @@ def verify_component(spec, model, configs: dict, path: Path, *, tolerance: float
 
     from edgesd.exporter.graphs import example_inputs, graph_for
 
-    graph = graph_for(spec.name, model)
+    graph = graph_for(spec, model)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -253,7 +253,14 @@ def encode_prompts(prompts: list, tokenizer, encode_chunks, *, emphasis: str = "
     Repeated prompts are encoded once.
     """
     unique = list(dict.fromkeys(prompts))
-    ids, weights, count = chunk_batch(unique, tokenizer, emphasis=emphasis, backtrack=backtrack)
-    z = apply_emphasis(np.asarray(encode_chunks(ids), dtype=np.float32), weights, emphasis)
-    z = z.reshape(len(unique), count * z.shape[1], z.shape[2])
+    z = encode_unique(unique, tokenizer, encode_chunks, emphasis=emphasis, backtrack=backtrack)
     return z[[unique.index(p) for p in prompts]]
+
+
+def encode_unique(prompts: list, tokenizer, encode_chunks, *, emphasis: str = "Original",
+                  backtrack: int = COMMA_BACKTRACK) -> np.ndarray:
+    """encode_prompts for distinct prompts: chunks encoded in one batch, emphasis applied per chunk,
+    chunks concatenated on the token axis."""
+    ids, weights, count = chunk_batch(prompts, tokenizer, emphasis=emphasis, backtrack=backtrack)
+    z = apply_emphasis(np.asarray(encode_chunks(ids), dtype=np.float32), weights, emphasis)
+    return z.reshape(len(prompts), count * z.shape[1], z.shape[2])

@@ -151,9 +151,10 @@ def test_open_clip_text_encoders_ignore_clip_skip(pipe, monkeypatch):
     """As in A1111, whose OpenCLIP embedder (SD2) never reads the Clip skip setting."""
     from dataclasses import replace
 
-    family = pipe.folder.family
-    monkeypatch.setattr(pipe.folder, "family", replace(
-        family, text_encoders=tuple(replace(e, layout="open_clip") for e in family.text_encoders)))
+    from edgesd.models.families import SD2
+
+    assert not SD2.clip_skip_applies
+    monkeypatch.setattr(pipe.folder, "family", replace(pipe.folder.family, clip_skip_applies=False))
     kwargs = dict(num_inference_steps=2, latents=latents(), output_type="np")
     skipped, plain = pipe(PROMPT, clip_skip=2, **kwargs), pipe(PROMPT, **kwargs)
     np.testing.assert_array_equal(skipped.images, plain.images)

@@ -48,7 +48,7 @@ def check_component(ctx, component: str):
         if t.name not in names and t.default is not None:
             torch_feed[t.name] = np.array(t.default, dtype=t.resolved_dtype("fp32"))
             feed.pop(t.name)
-    graph = graph_for(component, loaded)
+    graph = graph_for(spec, loaded)
     try:
         with torch.no_grad():
             expected = graph(*[torch.from_numpy(np.ascontiguousarray(torch_feed[t.name])) for t in spec.inputs])
