@@ -24,10 +24,19 @@ class TextEncoderGraph(torch.nn.Module):
         self.output_names = spec.output_names
         self.final_norm = spec.final_norm
         # transformers >= 5 keeps final_layer_norm on the model itself, older ones under text_model
-        self.final_layer_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
+        text_model = getattr(text_encoder, "text_model", text_encoder)
+        self.final_layer_norm = text_model.final_layer_norm
+        self.token_embedding = text_model.embeddings.token_embedding
 
-    def forward(self, input_ids, clip_skip):
-        out = self.text_encoder(input_ids.to(torch.int64), output_hidden_states=True, return_dict=True)
+    def forward(self, input_ids, clip_skip, embedding_override, embedding_mask):
+        def override(module, args, embeds):  # textual inversion: learned vectors where the mask is 1
+            return embeds * (1 - embedding_mask) + embedding_override * embedding_mask
+
+        hook = self.token_embedding.register_forward_hook(override)
+        try:
+            out = self.text_encoder(input_ids.to(torch.int64), output_hidden_states=True, return_dict=True)
+        finally:
+            hook.remove()
         hidden = torch.stack(out.hidden_states)  # (layers + 1, batch, sequence, hidden)
         index = (len(out.hidden_states) - clip_skip.to(torch.int64)).reshape(1)
         skipped = hidden.index_select(0, index).squeeze(0)
@@ -103,6 +112,8 @@ def example_inputs(spec, configs: dict, *, batch: int, latent_hw: tuple, seed: i
             tensors.append(torch.tensor(float(torch.randint(1, 999, (), generator=g)) + 0.5))
         elif t.name == "time_ids":  # sizes and crop offsets in pixels, as SDXL gets them
             tensors.append(torch.randint(0, 1024, shape, generator=g).float())
+        elif t.name == "embedding_mask":  # some positions take the override, the others the token embedding
+            tensors.append((torch.rand(shape, generator=g) < 0.3).float())
         else:
             tensors.append(torch.randn(shape, generator=g))
     return tensors

@@ -45,6 +45,13 @@ class TensorSpec:
     def dynamic_axes(self) -> dict:
         return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
 
+    def default_array(self, precision: str = "fp32"):
+        """The default as stored in the graph: dynamic axes of size 1, so it broadcasts."""
+        import numpy as np
+
+        shape = tuple(1 if isinstance(d, str) else d for d in self.shape)
+        return np.full(shape, self.default, dtype=self.resolved_dtype(precision))
+
 
 @dataclass(frozen=True)
 class ComponentSpec:
@@ -94,6 +101,10 @@ class TextEncoderSpec(ComponentSpec):
     def default_clip_skip(self) -> int:
         return int(self.input("clip_skip").default)
 
+    @property
+    def hidden_size(self) -> int:
+        return self.output("last_hidden_state").shape[-1]
+
 
 def text_encoder_spec(hidden_size: int, name: str = "text_encoder", *, clip_skip: int = 1, final_norm: bool = True,
                       projection_dim: int | None = None) -> TextEncoderSpec:
@@ -109,6 +120,11 @@ def text_encoder_spec(hidden_size: int, name: str = "text_encoder", *, clip_skip
     the norm, so the default equals `last_hidden_state`. SDXL: default 2 (the penultimate layer),
     without the norm, for both encoders. Valid values are 1 .. num_hidden_layers. Folders without
     this output (optimum's, older exports) still run, with the default clip skip only (SD1/SD2).
+
+    Textual inversion: the optional inputs `embedding_override` [batch, sequence, hidden] and
+    `embedding_mask` [batch, sequence, 1] (defaults: zeros of shape [1, 1, hidden] / [1, 1, 1],
+    broadcast) replace token embeddings before the position embeddings are added:
+    token_embedding(ids) · (1 − mask) + override · mask. A folder without them cannot use embeddings.
     """
     pooled = (TensorSpec("text_embeds", FLOAT, ("batch", projection_dim)) if projection_dim
               else TensorSpec("pooler_output", FLOAT, ("batch", hidden_size)))
@@ -122,9 +138,11 @@ def text_encoder_spec(hidden_size: int, name: str = "text_encoder", *, clip_skip
         inputs=(
             TensorSpec("input_ids", "int32", ("batch", "sequence")),
             TensorSpec("clip_skip", "int64", (), default=clip_skip),
+            TensorSpec("embedding_override", FLOAT, ("batch", "sequence", hidden_size), default=0.0),
+            TensorSpec("embedding_mask", FLOAT, ("batch", "sequence", 1), default=0.0),
         ),
         outputs=outputs,
-        description=f"token ids (+ clip_skip, default {clip_skip}) -> final-layer hidden states (after "
+        description=f"token ids (+ clip_skip, default {clip_skip}; + embedding override and mask) -> final-layer hidden states (after "
                     f"final_layer_norm), {pooled.name}, and the hidden state clip_skip layers from the end ({norm})",
         final_norm=final_norm,
     )

@@ -46,6 +46,7 @@ class TextEncoder:
     projection: bool = False  # CLIPTextModelWithProjection (SDXL's OpenCLIP bigG)
     pad_token: str = "<|endoftext|>"  # OpenCLIP pads with "!" (id 0)
     final_norm: bool = True  # conditioning goes through the final layer norm (not in SDXL)
+    embedding_key: str = ""  # its vectors' key in an SDXL textual inversion file
 
     @property
     def tokenizer(self) -> str:
@@ -161,9 +162,10 @@ SDXL = Family(
         "conditioner.embedders.1.model.token_embedding.weight": (49408, 1280),
         **_VAE_SHAPES,
     },
-    text_encoders=(TextEncoder("text_encoder", "conditioner.embedders.0.transformer.", final_norm=False),
+    text_encoders=(TextEncoder("text_encoder", "conditioner.embedders.0.transformer.", final_norm=False,
+                               embedding_key="clip_l"),
                    TextEncoder("text_encoder_2", "conditioner.embedders.1.model.", "open_clip", projection=True,
-                               pad_token="!", final_norm=False)),
+                               pad_token="!", final_norm=False, embedding_key="clip_g")),
     default_clip_skip=2,  # both encoders' penultimate hidden state, without the final layer norm
     aliases=("sdxl1.0", "xl"),
 )

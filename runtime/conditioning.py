@@ -55,29 +55,55 @@ class TextEncoder:
                                    f"to use clip_skip {clip_skip}")
         return "clip_skip_hidden_state"
 
-    def run(self, ids: np.ndarray, clip_skip: int) -> tuple:
-        """(hidden (n, 77, width), pooled (n, width)) for (n, 77) token ids."""
+    @property
+    def takes_embeddings(self) -> bool:
+        return {"embedding_override", "embedding_mask"} <= set(self.session.input_dtypes)
+
+    def run(self, ids: np.ndarray, clip_skip: int, fixes: list | None = None, embeddings: dict | None = None) -> tuple:
+        """(hidden (n, 77, width), pooled (n, width)) for (n, 77) token ids; `fixes` (per row:
+        [(position, embedding name)]) put the embeddings' vectors in place of token embeddings."""
         hidden = self.hidden_output(clip_skip)
         feed = {} if clip_skip == self.spec.default_clip_skip else {"clip_skip": np.int64(clip_skip)}
+        if fixes and any(fixes):
+            feed.update(self.embedding_feed(ids.shape, fixes, embeddings))
         z, pooled = self.session.run([hidden, self.pooled_output], input_ids=ids, **feed)
         return np.asarray(z, np.float32), np.asarray(pooled, np.float32)
 
+    def embedding_feed(self, shape: tuple, fixes: list, embeddings: dict) -> dict:
+        """The graph's embedding_override (vectors) and embedding_mask (1 where they apply)."""
+        if not self.takes_embeddings:
+            raise ModelFolderError(f"{self.spec.name}: this text encoder has no embedding_override input (an "
+                                   "optimum or older edgesd export); re-export it with `edgesd export` to use "
+                                   "textual inversion embeddings")
+        width = self.spec.hidden_size
+        override = np.zeros((*shape, width), np.float32)
+        mask = np.zeros((*shape, 1), np.float32)
+        for row, row_fixes in enumerate(fixes):
+            for position, name in row_fixes:
+                vectors = embeddings[name].vectors[self.spec.name]
+                override[row, position:position + len(vectors)] = vectors
+                mask[row, position:position + len(vectors)] = 1.0
+        return {"embedding_override": override, "embedding_mask": mask}
+
 
 def encode(prompts: list, encoders: list, *, emphasis: str = "Original", clip_skip: int = 1,
-           backtrack: int = COMMA_BACKTRACK) -> Conditioning:
+           backtrack: int = COMMA_BACKTRACK, embeddings: dict | None = None) -> Conditioning:
     """A1111's prompt encoding through every encoder (emphasis applied to each, as A1111 does),
     hidden states concatenated on the feature axis; the pooled text (kept when there are several
     encoders, from the last one) comes from each prompt's first chunk. Repeated prompts are
-    encoded once; every row gets the same chunk count."""
+    encoded once; every row gets the same chunk count. `embeddings`: {name: Embedding} usable in
+    the prompts (runtime/embeddings.py)."""
     unique = list(dict.fromkeys(prompts))
     contexts, pooled = [], []
     for encoder in encoders:
-        def run(ids, encoder=encoder):
-            z, chunk_pooled = encoder.run(ids, clip_skip)
+        def run(ids, fixes=None, encoder=encoder):
+            z, chunk_pooled = encoder.run(ids, clip_skip, fixes, embeddings)
             pooled.append(chunk_pooled.reshape(len(unique), -1, chunk_pooled.shape[-1])[:, 0])  # first chunks
             return z
 
-        contexts.append(encode_unique(unique, encoder.tokenizer, run, emphasis=emphasis, backtrack=backtrack))
+        words = {name: (tuple(encoder.tokenizer.encode(name)), e.length) for name, e in (embeddings or {}).items()}
+        contexts.append(encode_unique(unique, encoder.tokenizer, run, emphasis=emphasis, backtrack=backtrack,
+                                      embeddings=words or None))
     rows = [unique.index(p) for p in prompts]
     context = np.concatenate(contexts, axis=-1)[rows]
     return Conditioning(context, pooled[-1][rows] if len(encoders) > 1 else None)

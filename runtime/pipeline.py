@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from edgesd import schedulers
-from edgesd.errors import InvalidArgumentError, ModelFolderError, unknown_name
+from edgesd.errors import CheckpointError, InvalidArgumentError, ModelFolderError, unknown_name
 from edgesd.runtime import providers as provider_names
 from edgesd.runtime.images import to_pil, to_unit_nhwc
 from edgesd.runtime import conditioning, hires, img2img, vae_tiling
@@ -55,6 +55,7 @@ class Pipeline:
                                                        folder.session(e.name, providers))
                               for e in folder.family.text_encoders]
         self.tokenizer, self.text_encoder = self.text_encoders[0].tokenizer, self.text_encoders[0].session
+        self.embeddings = {}  # textual inversion: prompt word -> Embedding
         self.zero_empty_negative = len(self.text_encoders) > 1 and folder.model_index.get(
             "force_zeros_for_empty_prompt", True)  # SDXL: an empty negative prompt is all zeros
         self.unet = folder.session("unet", providers)
@@ -90,7 +91,26 @@ class Pipeline:
     def encode_text(self, prompts: list, *, emphasis: str = "Original", clip_skip: int | None = None):
         """The `Conditioning` of `prompts`: context, and the pooled text for SDXL."""
         clip_skip = self.folder.family.default_clip_skip if clip_skip is None else clip_skip
-        return conditioning.encode(prompts, self.text_encoders, emphasis=emphasis, clip_skip=clip_skip)
+        return conditioning.encode(prompts, self.text_encoders, emphasis=emphasis, clip_skip=clip_skip,
+                                   embeddings=self.embeddings)
+
+    def load_embedding(self, path, token: str | None = None):
+        """Load a textual inversion file; the prompt word `token` (default: the file name) then
+        stands for its vectors. Returns the Embedding. See runtime/embeddings.py for the formats."""
+        from edgesd.runtime.embeddings import load_embedding
+
+        encoders = [(self.folder.family.text_encoder(e.spec.name), e.spec.hidden_size)
+                    for e in self.text_encoders]
+        embedding = load_embedding(path, encoders, token)
+        for encoder in self.text_encoders:
+            encoder.embedding_feed((1, 1), [], {})  # refuses folders whose graphs cannot take the vectors
+        chunk = self.tokenizer.max_length - 2
+        if not self.tokenizer.encode(embedding.name):
+            raise InvalidArgumentError(f"embedding name {embedding.name!r} has no tokens")
+        if embedding.length > chunk:
+            raise CheckpointError(f"{path}: {embedding.length} vectors do not fit in a {chunk}-token chunk")
+        self.embeddings[embedding.name] = embedding
+        return embedding
 
     def condition(self, prompts: list, negatives: list | None, *, emphasis: str, clip_skip: int) -> tuple:
         """(cond, uncond) Conditioning; uncond is None without CFG. SDXL (force_zeros_for_empty_prompt):

@@ -176,8 +176,9 @@ def test_kohya_sdxl_lora_fuses_like_diffusers(sdxl_model, tmp_path):
 
     ckpt, config, out, _ = sdxl_model
     ours, theirs = load_model(ckpt, config), load_model(ckpt, config)
+    # one rank and alpha throughout: diffusers' kohya conversion drops per-module alphas of SDXL files
     lora = synth.write_kohya_lora(ours, tmp_path / "xl-lora.safetensors", seed=9, conv=False, sdxl_names=True,
-                                  alphas="present")
+                                  alphas="present", vary_rank=False)
     keys = load_file_keys(lora)
     assert any(k.startswith("lora_te2_") for k in keys) and any("input_blocks" in k for k in keys)
     [entry] = apply_adapters(ours, [f"{lora}:0.8:0.5"])
@@ -202,3 +203,36 @@ def load_file_keys(path) -> list:
 
     with safe_open(str(path), "np") as f:
         return list(f.keys())
+
+
+def test_sdxl_embedding_matches_diffusers(sdxl_model, tmp_path):
+    """An SDXL textual inversion file (clip_l + clip_g vectors): the conditioning equals diffusers'
+    after load_textual_inversion into both encoders, within 1e-5 (context and pooled text)."""
+    import torch
+    from safetensors.numpy import save_file
+
+    from edgesd import Pipeline
+    from edgesd.exporter.load import load_model
+
+    ckpt, config, out, _ = sdxl_model
+    rng = np.random.default_rng(12)
+    vectors = {"clip_l": rng.standard_normal((2, 32)).astype(np.float32) * 0.5,
+               "clip_g": rng.standard_normal((2, 64)).astype(np.float32) * 0.5}
+    save_file(vectors, str(tmp_path / "xltok.safetensors"))
+    prompt = "a photo of xltok, red circle"
+    pipe = Pipeline.from_pretrained(out, provider="cpu")
+    plain = pipe.encode_text([prompt])
+    pipe.load_embedding(tmp_path / "xltok.safetensors")
+    got = pipe.encode_text([prompt])
+    assert np.abs(got.context - plain.context).max() > 1e-2
+
+    reference = reference_pipeline(load_model(ckpt, config), out)
+    reference.load_textual_inversion(torch.from_numpy(vectors["clip_l"]), token="xltok",
+                                     text_encoder=reference.text_encoder, tokenizer=reference.tokenizer)
+    reference.load_textual_inversion(torch.from_numpy(vectors["clip_g"]), token="xltok",
+                                     text_encoder=reference.text_encoder_2, tokenizer=reference.tokenizer_2)
+    with torch.no_grad():
+        context, _, pooled, _ = reference.encode_prompt(prompt, device="cpu", num_images_per_prompt=1,
+                                                        do_classifier_free_guidance=False)
+    np.testing.assert_allclose(got.context, context.numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(got.pooled, pooled.numpy(), atol=1e-5, rtol=0)

@@ -53,6 +53,8 @@ def make_inputs(spec, configs: dict, *, batch: int, latent_hw: tuple, seed: int,
         elif t.name == "clip_skip":
             layers = int(configs[spec.name].get("num_hidden_layers", 1))
             feed[t.name] = np.array(max(1, min(clip_skip, layers)), dtype=dtype)
+        elif t.name == "embedding_mask":  # some positions take the override, the others the token embedding
+            feed[t.name] = (rng.random(shape) < 0.3).astype(dtype)
         elif t.name == "time_ids":  # sizes and crop offsets in pixels, as SDXL gets them
             feed[t.name] = rng.integers(0, 1024, size=shape).astype(dtype)
         elif t.name == "timestep":
