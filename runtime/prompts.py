@@ -218,7 +218,7 @@ def tokenize_prompt(prompt: str, tokenizer, *, emphasis: str = "Original", backt
     check_emphasis(emphasis)
     parsed = [(prompt, 1.0)] if emphasis == "None" else parse_prompt_attention(prompt)
     writer = _ChunkWriter(tokenizer, backtrack)
-    lookup = sorted((embeddings or {}).items(), key=lambda item: -len(item[1][0]))
+    lookup = sorted(((n, e) for n, e in (embeddings or {}).items() if e[0]), key=lambda item: -len(item[1][0]))
     for ids, part in zip(tokenizer.encode_batch([text for text, _ in parsed]), parsed):
         if is_break(part):
             writer.close()

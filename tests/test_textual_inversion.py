@@ -170,3 +170,20 @@ def test_embedding_errors(tiny_export, embedding_files, tmp_path):
     with pytest.raises(CheckpointError, match="no such file"):
         pipe.load_embedding(tmp_path / "missing.pt")
     assert pipe.embeddings == {}
+
+
+@requires_exporter
+def test_cli_embedding_option(tiny_export, embedding_files, tmp_path, capsys):
+    from PIL import Image
+
+    from edgesd.runtime.cli import main
+
+    folder, pt, _ = embedding_files
+    args = ["generate", str(tiny_export), PROMPT.replace(NAME, "mine"), "--steps", "2", "--seed", "3"]
+    assert main(args + ["--embedding", f"{pt}:mine", "-o", str(tmp_path / "a.png")]) == 0
+    assert main(args + ["-o", str(tmp_path / "b.png")]) == 0
+    a, b = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in "ab")
+    assert not np.array_equal(a, b)
+    assert main(args + ["--embedding", str(tmp_path / "missing.pt"), "-o", str(tmp_path / "c.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no such file" in err and len(err.splitlines()) == 1
