@@ -187,3 +187,20 @@ def test_cli_embedding_option(tiny_export, embedding_files, tmp_path, capsys):
     assert main(args + ["--embedding", str(tmp_path / "missing.pt"), "-o", str(tmp_path / "c.png")]) == 2
     err = capsys.readouterr().err.strip()
     assert "no such file" in err and len(err.splitlines()) == 1
+
+
+@requires_exporter
+def test_embedding_loads_and_applies_without_torch(tiny_export, embedding_files):
+    """The .pt reader and the whole embedding path run where torch cannot be imported."""
+    import test_torch_free  # its torch-blocking subprocess runner (imported whole: no test collected twice)
+
+    folder, pt, vectors = embedding_files
+    code = (f"from edgesd import Pipeline\np = Pipeline.from_pretrained({str(tiny_export)!r}, provider='cpu')\n"
+            f"e = p.load_embedding({str(pt)!r})\n"
+            f"plain = p.encode_prompts(['a photo of x']); z = p.encode_prompts([{PROMPT!r}])\n"
+            "print(e.name, e.length, float(abs(e.vectors['text_encoder']).sum()), z.shape)")
+    r = test_torch_free.run(code)
+    assert r.returncode == 0, r.stderr
+    name, length, total, shape = r.stdout.strip().split(" ", 3)
+    assert (name, int(length), shape) == (NAME, 3, "(1, 77, 32)")
+    assert float(total) == pytest.approx(float(np.abs(vectors).sum()), rel=1e-6)
