@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from edgesd import schedulers
-from edgesd.errors import CheckpointError, InvalidArgumentError, ModelFolderError, unknown_name
+from edgesd.errors import CheckpointError, InvalidArgumentError, unknown_name
 from edgesd.runtime import providers as provider_names
 from edgesd.runtime.images import to_pil, to_unit_nhwc
 from edgesd.runtime import conditioning, hires, img2img, vae_tiling

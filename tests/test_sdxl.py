@@ -252,3 +252,13 @@ def test_missing_second_encoder_is_reported(sdxl_model, tmp_path):
         Pipeline.from_pretrained(folder, provider="cpu")
     [layout] = [r for r in run_checks(folder, provider="cpu", only=["structure"]).results if r.name == "layout"]
     assert layout.status == "failed" and "text_encoder_2/model.onnx" in layout.message
+
+
+@pytest.mark.parametrize("sizes", [dict(original_size=(64,)), dict(crops_coords_top_left=(-8, 0)),
+                                   dict(target_size="large")])
+def test_bad_size_conditioning_is_refused(runtime, sizes):
+    from edgesd.errors import InvalidArgumentError
+
+    name = next(iter(sizes))
+    with pytest.raises(InvalidArgumentError, match=name):
+        runtime(PROMPT, num_inference_steps=1, **sizes)
