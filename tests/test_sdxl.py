@@ -262,3 +262,29 @@ def test_bad_size_conditioning_is_refused(runtime, sizes):
     name = next(iter(sizes))
     with pytest.raises(InvalidArgumentError, match=name):
         runtime(PROMPT, num_inference_steps=1, **sizes)
+
+
+def test_emphasis_applies_to_each_encoder(sdxl_model, runtime):
+    """A1111's "Original" emphasis on SDXL: each encoder's penultimate hidden states times the token
+    weights, then that encoder's chunk mean restored; the pooled text is unweighted (torch, 1e-5)."""
+    import torch
+
+    _, _, _, loaded = sdxl_model
+    got = runtime.encode_text(["a (red:1.4) circle, [dark] background"])
+    plain_ids = runtime.tokenizer.encode_batch(["a ", "red", " circle, ", "dark", " background"])
+    weights = np.ones(77, np.float32)
+    position = 1
+    for ids, w in zip(plain_ids, (1.0, 1.4, 1.0, 1 / 1.1, 1.0)):
+        weights[position:position + len(ids)] = w
+        position += len(ids)
+    parts = []
+    for encoder, model in zip(runtime.text_encoders, (loaded.text_encoder, loaded.text_encoder_2)):
+        ids = np.array(encoder.tokenizer.pad([t for ids in plain_ids for t in ids]))[None]
+        with torch.no_grad():
+            out = model(torch.from_numpy(ids), output_hidden_states=True)
+        z = out.hidden_states[-2].double().numpy()
+        weighted = z * weights[None, :, None]
+        parts.append(weighted * z.mean() / weighted.mean())
+        pooled = getattr(out, "text_embeds", None)
+    np.testing.assert_allclose(got.context, np.concatenate(parts, axis=-1), atol=1e-5)
+    np.testing.assert_allclose(got.pooled, pooled.numpy(), atol=1e-5)
