@@ -13,7 +13,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from edgesd.errors import CheckpointError, InvalidArgumentError
+from edgesd.errors import InvalidArgumentError
 from edgesd.models.families import EXPORTED_CONFIG_FILES
 from edgesd.models.manifest import FORMAT_VERSION, sha256_file, write_manifest
 
@@ -95,16 +95,13 @@ def build_folder(source, folder: Path, *, config=None, prediction=None, verify=T
     from tqdm.auto import tqdm
 
     from edgesd import __version__
-    from edgesd.exporter.load import load_model, require_exportable
+    from edgesd.exporter.load import load_model
     from edgesd.exporter.onnx_export import OPSET, export_component, verify_component
     from edgesd.exporter.quantize import MIN_SNR_DB, QUANTIZED_COMPONENTS, quantize_component
     from edgesd.exporter.tokenizer_files import write_clip_tokenizer
     from edgesd.models.families import sample_size
 
-    require_exportable(source)
     loaded = load_model(source, config, prediction)
-    if not loaded.family.exportable:
-        raise CheckpointError(f"{loaded.family.title} models cannot be exported to ONNX yet")
     adapters = []
     if loras or hypernetworks:
         from edgesd.exporter.adapters import apply_adapters
@@ -138,10 +135,11 @@ def build_folder(source, folder: Path, *, config=None, prediction=None, verify=T
             components[spec.name] = entry
         bar.set_postfix_str("configs")
         write_configs(folder, configs, loaded)
-        if loaded.tokenizer_dir is not None:
-            shutil.copytree(loaded.tokenizer_dir, folder / "tokenizer")
-        else:
-            for encoder in family.text_encoders:
+        for encoder in family.text_encoders:
+            given = loaded.tokenizer_dir.parent / encoder.tokenizer if loaded.tokenizer_dir else None
+            if given is not None and (given / "vocab.json").is_file():
+                shutil.copytree(given, folder / encoder.tokenizer)
+            else:
                 write_clip_tokenizer(folder / encoder.tokenizer, pad_token=encoder.pad_token)
         bar.update()
     from edgesd.exporter.golden import write_golden
@@ -171,10 +169,12 @@ def write_configs(folder: Path, configs: dict, loaded) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
 
-    index = json.loads((loaded.family.config_dir() / "model_index.json").read_text())
-    index.update({"_class_name": "ORTStableDiffusionPipeline", "text_encoder": ["onnxruntime", "ORTModelTextEncoder"],
-                  "unet": ["onnxruntime", "ORTModelUnet"], "vae_decoder": ["onnxruntime", "ORTModelVaeDecoder"],
-                  "vae_encoder": ["onnxruntime", "ORTModelVaeEncoder"]})
+    family = loaded.family
+    index = json.loads((family.config_dir() / "model_index.json").read_text())
+    index.update({"_class_name": "ORTStableDiffusionXLPipeline" if len(family.text_encoders) > 1 else
+                  "ORTStableDiffusionPipeline", "unet": ["onnxruntime", "ORTModelUnet"],
+                  "vae_decoder": ["onnxruntime", "ORTModelVaeDecoder"], "vae_encoder": ["onnxruntime", "ORTModelVaeEncoder"],
+                  **{e.name: ["onnxruntime", "ORTModelTextEncoder"] for e in family.text_encoders}})
     index.pop("vae", None)
     dump("model_index.json", index)
     for component, rels in EXPORTED_CONFIG_FILES.items():

@@ -31,7 +31,7 @@ def write_golden(specs, model, configs: dict, folder: Path, components: dict) ->
     (Path(folder) / GOLDEN_DIR).mkdir(exist_ok=True)
     for spec in specs:
         inputs = golden_inputs(spec, configs)
-        graph = graph_for(spec.name, model)
+        graph = graph_for(spec, model)
         dtype = next(graph.parameters()).dtype  # float inputs follow the module's weights
         tensors = [torch.from_numpy(np.ascontiguousarray(inputs[t.name])) for t in spec.inputs]
         tensors = [x.to(dtype) if x.is_floating_point() and x.ndim else x for x in tensors]

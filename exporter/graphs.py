@@ -10,37 +10,57 @@ import torch
 
 
 class TextEncoderGraph(torch.nn.Module):
-    """input_ids, clip_skip -> last_hidden_state, pooler_output, clip_skip_hidden_state.
+    """input_ids, clip_skip -> the contract's outputs (last_hidden_state, pooler_output or
+    text_embeds, clip_skip_hidden_state), in the spec's order.
 
     All hidden states are stacked and the one `clip_skip` layers from the end is picked with a
-    data-dependent index (a Gather in ONNX), so one graph serves every clip skip value.
+    data-dependent index (a Gather in ONNX), so one graph serves every clip skip value; the
+    final layer norm follows when the spec says so (SD1/SD2, not SDXL).
     """
 
-    def __init__(self, text_encoder):
+    def __init__(self, text_encoder, spec):
         super().__init__()
         self.text_encoder = text_encoder
+        self.output_names = spec.output_names
+        self.final_norm = spec.final_norm
         # transformers >= 5 keeps final_layer_norm on the model itself, older ones under text_model
-        self.final_layer_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
+        text_model = getattr(text_encoder, "text_model", text_encoder)
+        self.final_layer_norm = text_model.final_layer_norm
+        self.token_embedding = text_model.embeddings.token_embedding
 
-    def forward(self, input_ids, clip_skip):
-        out = self.text_encoder(input_ids.to(torch.int64), output_hidden_states=True, return_dict=True)
+    def forward(self, input_ids, clip_skip, embedding_override, embedding_mask):
+        def override(module, args, embeds):  # textual inversion: learned vectors where the mask is 1
+            return embeds * (1 - embedding_mask) + embedding_override * embedding_mask
+
+        hook = self.token_embedding.register_forward_hook(override)
+        try:
+            out = self.text_encoder(input_ids.to(torch.int64), output_hidden_states=True, return_dict=True)
+        finally:
+            hook.remove()
         hidden = torch.stack(out.hidden_states)  # (layers + 1, batch, sequence, hidden)
         index = (len(out.hidden_states) - clip_skip.to(torch.int64)).reshape(1)
-        skipped = self.final_layer_norm(hidden.index_select(0, index).squeeze(0))
-        return out.last_hidden_state, out.pooler_output, skipped
+        skipped = hidden.index_select(0, index).squeeze(0)
+        values = {"last_hidden_state": out.last_hidden_state, "clip_skip_hidden_state":
+                  self.final_layer_norm(skipped) if self.final_norm else skipped}
+        values["text_embeds" if hasattr(out, "text_embeds") else "pooler_output"] = (
+            out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output)
+        return tuple(values[name] for name in self.output_names)
 
 
 class UNetGraph(torch.nn.Module):
-    def __init__(self, unet):
+    """sample, timestep, context (+ SDXL's text_embeds, time_ids) -> out_sample."""
+
+    def __init__(self, unet, spec):
         super().__init__()
         self.unet = unet
 
-    def forward(self, sample, timestep, encoder_hidden_states):
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
+        added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
+        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
 
 
 class VaeDecoderGraph(torch.nn.Module):
-    def __init__(self, vae):
+    def __init__(self, vae, spec):
         super().__init__()
         self.vae = vae
 
@@ -49,7 +69,7 @@ class VaeDecoderGraph(torch.nn.Module):
 
 
 class VaeEncoderGraph(torch.nn.Module):
-    def __init__(self, vae):
+    def __init__(self, vae, spec):
         super().__init__()
         self.vae = vae
 
@@ -60,11 +80,12 @@ class VaeEncoderGraph(torch.nn.Module):
         return moments
 
 
-def graph_for(component: str, model) -> torch.nn.Module:
-    wrappers = {"text_encoder": (TextEncoderGraph, "text_encoder"), "unet": (UNetGraph, "unet"),
-                "vae_decoder": (VaeDecoderGraph, "vae"), "vae_encoder": (VaeEncoderGraph, "vae")}
-    cls, attr = wrappers[component]
-    return cls(getattr(model, attr)).eval()
+def graph_for(spec, model) -> torch.nn.Module:
+    """The torch module whose forward is exactly the contract component `spec` of `model`."""
+    wrappers = {"text_encoder": (TextEncoderGraph, "text_encoder"), "text_encoder_2": (TextEncoderGraph, "text_encoder_2"),
+                "unet": (UNetGraph, "unet"), "vae_decoder": (VaeDecoderGraph, "vae"), "vae_encoder": (VaeEncoderGraph, "vae")}
+    cls, attr = wrappers[spec.name]
+    return cls(getattr(model, attr), spec).eval()
 
 
 def example_inputs(spec, configs: dict, *, batch: int, latent_hw: tuple, seed: int) -> list:
@@ -79,16 +100,20 @@ def example_inputs(spec, configs: dict, *, batch: int, latent_hw: tuple, seed: i
     for t in spec.inputs:
         shape = [sizes[d] if isinstance(d, str) else d for d in t.shape]
         if t.name == "input_ids":
-            vocab = configs["text_encoder"]["vocab_size"]
+            vocab = configs[spec.name]["vocab_size"]
             ids = torch.randint(0, vocab - 2, shape, generator=g, dtype=torch.int64)
             ids[:, 0] = vocab - 2  # BOS, then an EOS part-way so pooling has a real target
             ids[:, shape[1] // 2:] = vocab - 1
             tensors.append(ids.to(torch.int32))
-        elif t.name == "clip_skip":  # 1 when tracing, deeper layers when verifying (seed 1, 2 -> 2, 3)
-            layers = configs["text_encoder"]["num_hidden_layers"]
-            tensors.append(torch.tensor(min(1 + seed, layers), dtype=torch.int64))
+        elif t.name == "clip_skip":  # the default when tracing (seed 0), the next layers when verifying
+            layers = configs[spec.name]["num_hidden_layers"]
+            tensors.append(torch.tensor(1 + (t.default - 1 + seed) % layers, dtype=torch.int64))
         elif t.name == "timestep":
             tensors.append(torch.tensor(float(torch.randint(1, 999, (), generator=g)) + 0.5))
+        elif t.name == "time_ids":  # sizes and crop offsets in pixels, as SDXL gets them
+            tensors.append(torch.randint(0, 1024, shape, generator=g).float())
+        elif t.name == "embedding_mask":  # some positions take the override, the others the token embedding
+            tensors.append((torch.rand(shape, generator=g) < 0.3).float())
         else:
             tensors.append(torch.randn(shape, generator=g))
     return tensors

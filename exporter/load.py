@@ -56,20 +56,6 @@ def load_model(source: str | Path, config: str | Path | None = None, prediction:
     return loaded
 
 
-def require_exportable(source: str | Path) -> None:
-    """Refuse, before any weights are read, a model whose family cannot be exported yet."""
-    source = check_file(source)
-    if source.is_dir():
-        family = family_of_configs(load_configs(source))
-    elif source.suffix.lower() in SAFETENSORS_SUFFIXES:
-        family = detect(tensor_shapes(source)[0]).family
-    else:
-        return  # pickles are only readable by loading them; load_model checks after that
-    if not family.exportable:
-        raise CheckpointError(f"{source}: a {family.title} model; edgesd reads its checkpoints but cannot "
-                              f"export {family.title} to ONNX yet (supported: SD1.x, SD2.x)")
-
-
 def sidecar_prediction(checkpoint: Path, config) -> str | None:
     """v_prediction when the LDM yaml (--config, or NAME.yaml beside NAME.safetensors) says
     `parameterization: "v"`; epsilon when it names another one; None without a yaml."""

@@ -26,7 +26,7 @@ def export_component(spec, model, configs: dict, folder: Path, *, opset: int = O
 
     from edgesd.exporter.graphs import example_inputs, graph_for
 
-    graph = graph_for(spec.name, model)
+    graph = graph_for(spec, model)
     inputs = example_inputs(spec, configs, batch=2, latent_hw=(9, 11), seed=0)
     target = folder / spec.name
     scratch = folder / (spec.name + ".trace")
@@ -98,8 +98,7 @@ def add_input_defaults(proto, spec) -> None:
 
     for t in spec.inputs:
         if t.default is not None:
-            value = np.array(t.default, dtype=t.resolved_dtype("fp32")).reshape(t.shape)
-            proto.graph.initializer.append(numpy_helper.from_array(value, t.name))
+            proto.graph.initializer.append(numpy_helper.from_array(t.default_array("fp32"), t.name))
 
 
 def _has_external_data(folder: Path) -> bool:
@@ -121,7 +120,7 @@ def verify_component(spec, model, configs: dict, path: Path, *, tolerance: float
 
     from edgesd.exporter.graphs import example_inputs, graph_for
 
-    graph = graph_for(spec.name, model)
+    graph = graph_for(spec, model)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -167,7 +166,7 @@ def check_input_defaults(spec, session, feed: dict) -> None:
     if not optional:
         return
     required = {k: v for k, v in feed.items() if k in spec.required_input_names}
-    explicit = dict(required, **{t.name: np.array(t.default, dtype=t.resolved_dtype("fp32")) for t in optional})
+    explicit = dict(required, **{t.name: t.default_array("fp32") for t in optional})
     for name, a, b in zip(spec.output_names, session.run(spec.output_names, required),
                           session.run(spec.output_names, explicit)):
         if not np.array_equal(a, b):

@@ -45,6 +45,13 @@ class TensorSpec:
     def dynamic_axes(self) -> dict:
         return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
 
+    def default_array(self, precision: str = "fp32"):
+        """The default as stored in the graph: dynamic axes of size 1, so it broadcasts."""
+        import numpy as np
+
+        shape = tuple(1 if isinstance(d, str) else d for d in self.shape)
+        return np.full(shape, self.default, dtype=self.resolved_dtype(precision))
+
 
 @dataclass(frozen=True)
 class ComponentSpec:
@@ -83,44 +90,87 @@ class ComponentSpec:
         return next(t for t in self.outputs if t.name == name)
 
 
-def text_encoder_spec(hidden_size: int, name: str = "text_encoder") -> ComponentSpec:
+@dataclass(frozen=True)
+class TextEncoderSpec(ComponentSpec):
+    """A text encoder graph. `final_norm`: whether `clip_skip_hidden_state` goes through the final
+    layer norm (SD1/SD2: yes, as A1111's Clip skip; SDXL: no, it conditions on raw hidden states)."""
+
+    final_norm: bool = True
+
+    @property
+    def default_clip_skip(self) -> int:
+        return int(self.input("clip_skip").default)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.output("last_hidden_state").shape[-1]
+
+
+def text_encoder_spec(hidden_size: int, name: str = "text_encoder", *, clip_skip: int = 1, final_norm: bool = True,
+                      projection_dim: int | None = None) -> TextEncoderSpec:
     """CLIP text transformer run on one 77-token chunk per batch row.
 
-    `last_hidden_state` and `pooler_output` are optimum's outputs, unchanged. CLIP skip (A1111's
-    "Clip skip" N: the hidden state N layers from the end, then final_layer_norm; N=1 is the last
-    layer) is served by the same graph rather than a second one: the optional int64 scalar input
-    `clip_skip` (default 1, stored as an initializer so feeding it is optional) selects the layer
-    of the extra output `clip_skip_hidden_state`. With the default it equals `last_hidden_state`.
-    Valid values are 1 .. num_hidden_layers. Folders without this output (optimum's, older
-    exports) still run, with clip skip 1 only.
+    `last_hidden_state` and `pooler_output` are optimum's outputs, unchanged; an encoder with a
+    projection (SDXL's OpenCLIP bigG, CLIPTextModelWithProjection) gives optimum's `text_embeds`
+    (the projected pooled output) instead of `pooler_output`. CLIP skip (A1111's "Clip skip" N: the
+    hidden state N layers from the end; N=1 is the last layer) is served by the same graph rather than
+    a second one: the optional int64 scalar input `clip_skip` (stored as an initializer holding the
+    family's default, so feeding it is optional) selects the layer of the extra output
+    `clip_skip_hidden_state`, after the final layer norm when `final_norm`. SD1/SD2: default 1, with
+    the norm, so the default equals `last_hidden_state`. SDXL: default 2 (the penultimate layer),
+    without the norm, for both encoders. Valid values are 1 .. num_hidden_layers. Folders without
+    this output (optimum's, older exports) still run, with the default clip skip only (SD1/SD2).
+
+    Textual inversion: the optional inputs `embedding_override` [batch, sequence, hidden] and
+    `embedding_mask` [batch, sequence, 1] (defaults: zeros of shape [1, 1, hidden] / [1, 1, 1],
+    broadcast) replace token embeddings before the position embeddings are added:
+    token_embedding(ids) · (1 − mask) + override · mask. A folder without them cannot use embeddings.
     """
-    return ComponentSpec(
+    pooled = (TensorSpec("text_embeds", FLOAT, ("batch", projection_dim)) if projection_dim
+              else TensorSpec("pooler_output", FLOAT, ("batch", hidden_size)))
+    outputs = (TensorSpec("last_hidden_state", FLOAT, ("batch", "sequence", hidden_size)), pooled,
+               TensorSpec("clip_skip_hidden_state", FLOAT, ("batch", "sequence", hidden_size)))
+    if projection_dim:
+        outputs = (outputs[1], outputs[0], outputs[2])  # optimum's order: text_embeds first
+    norm = "after final_layer_norm" if final_norm else "without final_layer_norm"
+    return TextEncoderSpec(
         name,
         inputs=(
             TensorSpec("input_ids", "int32", ("batch", "sequence")),
-            TensorSpec("clip_skip", "int64", (), default=1),
+            TensorSpec("clip_skip", "int64", (), default=clip_skip),
+            TensorSpec("embedding_override", FLOAT, ("batch", "sequence", hidden_size), default=0.0),
+            TensorSpec("embedding_mask", FLOAT, ("batch", "sequence", 1), default=0.0),
         ),
-        outputs=(
-            TensorSpec("last_hidden_state", FLOAT, ("batch", "sequence", hidden_size)),
-            TensorSpec("pooler_output", FLOAT, ("batch", hidden_size)),
-            TensorSpec("clip_skip_hidden_state", FLOAT, ("batch", "sequence", hidden_size)),
-        ),
-        description="token ids (+ clip_skip) -> final-layer hidden states (after final_layer_norm), pooled "
-                    "output, and the hidden state clip_skip layers from the end (after final_layer_norm)",
+        outputs=outputs,
+        description=f"token ids (+ clip_skip, default {clip_skip}; + embedding override and mask) -> final-layer hidden states (after "
+                    f"final_layer_norm), {pooled.name}, and the hidden state clip_skip layers from the end ({norm})",
+        final_norm=final_norm,
     )
 
 
-def unet_spec(in_channels: int, out_channels: int, context_dim: int) -> ComponentSpec:
-    """The denoiser. `timestep` is a float32 scalar (fractional t, as k-diffusion passes it)."""
+# SDXL's micro-conditioning: original size (h, w), crop top-left (top, left), target size (h, w).
+TIME_IDS = 6
+
+
+def unet_spec(in_channels: int, out_channels: int, context_dim: int, pooled_dim: int | None = None) -> ComponentSpec:
+    """The denoiser. `timestep` is a float32 scalar (fractional t, as k-diffusion passes it).
+
+    SDXL (`pooled_dim`): also optimum's `text_embeds` (the second encoder's projected pooled
+    output) and `time_ids` (original_size + crops_coords_top_left + target_size, in pixels).
+    """
+    added = () if pooled_dim is None else (TensorSpec("text_embeds", FLOAT, ("batch", pooled_dim)),
+                                           TensorSpec("time_ids", FLOAT, ("batch", TIME_IDS)))
     return ComponentSpec(
         "unet",
         inputs=(
             TensorSpec("sample", FLOAT, ("batch", in_channels, "height", "width")),
             TensorSpec("timestep", "float32", ()),
             TensorSpec("encoder_hidden_states", FLOAT, ("batch", "sequence", context_dim)),
+            *added,
         ),
         outputs=(TensorSpec("out_sample", FLOAT, ("batch", out_channels, "height", "width")),),
-        description="model-input latents, timestep, text context -> eps (or v) prediction",
+        description="model-input latents, timestep, text context" + (", pooled text, time ids" if added else "")
+                    + " -> eps (or v) prediction",
     )
 
 

@@ -45,6 +45,8 @@ class TextEncoder:
     layers_unused: int = 0  # trailing layers in the file that the model skips (SD2's last one)
     projection: bool = False  # CLIPTextModelWithProjection (SDXL's OpenCLIP bigG)
     pad_token: str = "<|endoftext|>"  # OpenCLIP pads with "!" (id 0)
+    final_norm: bool = True  # conditioning goes through the final layer norm (not in SDXL)
+    embedding_key: str = ""  # its vectors' key in an SDXL textual inversion file
 
     @property
     def tokenizer(self) -> str:
@@ -60,8 +62,8 @@ class Family:
     ldm_prefixes: dict  # "unet" / "vae" -> key prefix in an LDM single file
     standard_shapes: dict  # LDM key -> shape that only the standard architecture has
     text_encoders: tuple  # TextEncoder, in conditioning order
-    exportable: bool = True  # ONNX graphs and runtime conditioning exist for it
-    default_clip_skip: int = 1
+    default_clip_skip: int = 1  # the layer the family conditions on, counted from the end
+    clip_skip_applies: bool = True  # A1111 ignores Clip skip for SD2's OpenCLIP encoder
     aliases: tuple = field(default_factory=tuple)
 
     def config_dir(self, size: str | None = None, prediction_type: str | None = None) -> Path:
@@ -78,14 +80,29 @@ class Family:
 
     def components(self, configs: dict) -> list:
         """The ONNX components of this family's folder, sized by `configs` (see load_configs)."""
-        unet, vae, text = configs["unet"], configs["vae"], configs["text_encoder"]
+        unet, vae = configs["unet"], configs["vae"]
         latent = vae.get("latent_channels", 4)
+        texts = [contract.text_encoder_spec(configs[e.name]["hidden_size"], e.name, clip_skip=self.default_clip_skip,
+                                            final_norm=e.final_norm,
+                                            projection_dim=configs[e.name]["projection_dim"] if e.projection else None)
+                 for e in self.text_encoders]
         return [
-            contract.text_encoder_spec(text["hidden_size"]),
-            contract.unet_spec(unet["in_channels"], unet["out_channels"], unet["cross_attention_dim"]),
+            *texts,
+            contract.unet_spec(unet["in_channels"], unet["out_channels"], unet["cross_attention_dim"],
+                               pooled_dim(unet)),
             contract.vae_decoder_spec(latent),
             contract.vae_encoder_spec(latent),
         ]
+
+    def text_encoder(self, name: str) -> TextEncoder:
+        return next(e for e in self.text_encoders if e.name == name)
+
+
+def pooled_dim(unet_config: dict) -> int | None:
+    """Width of the pooled text a "text_time" UNet (SDXL) takes besides its time ids; None otherwise."""
+    if unet_config.get("addition_embed_type") != "text_time":
+        return None
+    return unet_config["projection_class_embeddings_input_dim"] - contract.TIME_IDS * unet_config["addition_time_embed_dim"]
 
 
 _UNET, _VAE = "model.diffusion_model.", "first_stage_model."
@@ -117,6 +134,7 @@ SD2 = Family(
     synthetic={"sd2": {"tiny": "sd2-tiny", "full": "sd2"}, "sd2-v": {"tiny": "sd2-v-tiny", "full": "sd2-v"}},
     ldm_prefixes={"unet": _UNET, "vae": _VAE},
     text_encoders=(TextEncoder("text_encoder", "cond_stage_model.model.", "open_clip", layers_unused=1, pad_token="!"),),
+    clip_skip_applies=False,
     standard_shapes={
         _UNET + "input_blocks.0.0.weight": (320, 4, 3, 3),
         _UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 1024),
@@ -144,10 +162,11 @@ SDXL = Family(
         "conditioner.embedders.1.model.token_embedding.weight": (49408, 1280),
         **_VAE_SHAPES,
     },
-    text_encoders=(TextEncoder("text_encoder", "conditioner.embedders.0.transformer."),
+    text_encoders=(TextEncoder("text_encoder", "conditioner.embedders.0.transformer.", final_norm=False,
+                               embedding_key="clip_l"),
                    TextEncoder("text_encoder_2", "conditioner.embedders.1.model.", "open_clip", projection=True,
-                               pad_token="!")),
-    exportable=False,  # checkpoints load (LDM layout both ways); graphs and runtime are to come
+                               pad_token="!", final_norm=False, embedding_key="clip_g")),
+    default_clip_skip=2,  # both encoders' penultimate hidden state, without the final layer norm
     aliases=("sdxl1.0", "xl"),
 )
 

@@ -21,7 +21,7 @@ VARIANTS = ("base", "inpaint")
 # key -> (type, description). The schema is the documentation.
 SCHEMA = {
     "format_version": (int, "manifest format version"),
-    "family": (str, "model family: sd1 (sd2, sdxl later)"),
+    "family": (str, "model family: sd1, sd2 or sdxl"),
     "variant": (str, "base or inpaint (9-channel UNet input)"),
     "prediction_type": (str, "epsilon or v_prediction"),
     "sample_size": (int, "default image size in pixels"),

@@ -155,6 +155,9 @@ def cmd_generate(args):
         raise InvalidArgumentError(f"{out.parent}: output folder does not exist")
     kwargs = generation_kwargs(args)
     pipe = Pipeline.from_pretrained(args.model, provider=args.provider, low_memory=args.low_memory)
+    for spec in args.embedding or ():
+        path, name = (spec, "") if Path(spec).exists() or ":" not in spec else spec.rsplit(":", 1)  # FILE[:WORD]
+        pipe.load_embedding(path, token=name or None)
     result = pipe(num_images_per_prompt=args.batch, **kwargs)
     for i, (image, info) in enumerate(zip(result.images, result.infotexts)):
         path = out if len(result.images) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
@@ -304,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-skip", type=int, default=None, help="A1111's Clip skip: 1 = last CLIP layer (default), "
                    "2 = the one before, ...")
     p.add_argument("--emphasis", default=None, help="(word:1.2) weighting: Original (default), No norm, Ignore, None")
+    p.add_argument("--embedding", action="append", metavar="FILE[:WORD]", help="textual inversion file; the prompt "
+                   "word WORD (default: the file name) stands for its vectors (repeatable)")
     p.add_argument("--vae-tiling", action="store_true", help="decode large images in overlapping tiles (less memory)")
     p.add_argument("--low-memory", action="store_true",
                    help="load one component at a time and free it after its stage; no arenas; tiled VAE")

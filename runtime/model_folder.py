@@ -32,6 +32,13 @@ class ModelFolder:
     precision: str
     specs: dict  # component name -> ComponentSpec
 
+    @property
+    def model_index(self) -> dict:
+        """model_index.json (pipeline-level settings such as force_zeros_for_empty_prompt); {} if absent."""
+        from edgesd.runtime.tokenizer import _read_json
+
+        return _read_json(self.path / "model_index.json", {})
+
     @classmethod
     def open(cls, path) -> "ModelFolder":
         path = Path(path)
@@ -40,13 +47,12 @@ class ModelFolder:
         manifest = read_manifest(path)
         configs = load_configs(path, EXPORTED_CONFIG_FILES)
         missing = [c for c in ("unet", "vae", "text_encoder", "scheduler") if c not in configs]
+        family = get_family(manifest["family"]) if manifest else family_of_configs(configs)
+        missing += [e.name for e in family.text_encoders if e.name not in configs and e.name not in missing]
         if missing:
             raise ModelFolderError(f"{path}: not an exported model folder (missing configs: {', '.join(missing)})")
-        family = get_family(manifest["family"]) if manifest else family_of_configs(configs)
-        if not family.exportable:
-            raise ModelFolderError(f"{path}: a {family.title} folder; the runtime does not run {family.title} yet")
         specs = {s.name: s for s in family.components(configs)}
-        for name in REQUIRED_COMPONENTS:
+        for name in (*REQUIRED_COMPONENTS, *(e.name for e in family.text_encoders)):
             if not (path / specs[name].path).is_file():
                 raise ModelFolderError(f"{path}: missing {specs[name].path}")
         if manifest:

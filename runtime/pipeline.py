@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 
 from edgesd import schedulers
-from edgesd.errors import InvalidArgumentError, ModelFolderError, unknown_name
+from edgesd.errors import CheckpointError, InvalidArgumentError, unknown_name
 from edgesd.runtime import providers as provider_names
 from edgesd.runtime.images import to_pil, to_unit_nhwc
-from edgesd.runtime import hires, img2img, vae_tiling
+from edgesd.runtime import conditioning, hires, img2img, vae_tiling
 from edgesd.runtime.infotext import call_arguments, create_infotext, parse_infotext
 from edgesd.runtime.model_folder import LazySession, ModelFolder, low_memory_options
-from edgesd.runtime.prompts import check_emphasis, encode_prompts as encode_prompt_chunks
+from edgesd.runtime.prompts import check_emphasis
 from edgesd.runtime.seeds import RNG_LABELS, ImageNoise, check_variation, uses_eta_noise
 from edgesd.runtime.tokenizer import ClipTokenizer
 
@@ -52,10 +52,15 @@ class Pipeline:
         self.folder = folder
         self.providers = providers
         self.low_memory = bool(low_memory)
-        self.tokenizer = ClipTokenizer(folder.path / "tokenizer")
-        for component in ("text_encoder", "unet", "vae_decoder"):
-            setattr(self, component, LazySession(folder, component, providers, low_memory_options)
-                    if self.low_memory else folder.session(component, providers))
+        self.text_encoders = [conditioning.TextEncoder(folder.specs[e.name], ClipTokenizer(folder.path / e.tokenizer),
+                                                       self.open_session(e.name))
+                              for e in folder.family.text_encoders]
+        self.tokenizer, self.text_encoder = self.text_encoders[0].tokenizer, self.text_encoders[0].session
+        self.embeddings = {}  # textual inversion: prompt word -> Embedding
+        self.zero_empty_negative = len(self.text_encoders) > 1 and folder.model_index.get(
+            "force_zeros_for_empty_prompt", True)  # SDXL: an empty negative prompt is all zeros
+        self.unet = self.open_session("unet")
+        self.vae_decoder = self.open_session("vae_decoder")
         self._vae_encoder = None
         scheduler = folder.configs["scheduler"]
         self.sigma_table = schedulers.sigma_table(
@@ -76,60 +81,104 @@ class Pipeline:
         the peak is about the largest component instead of all of them, for a reload per stage."""
         return cls(ModelFolder.open(path), provider_names.resolve(provider), low_memory)
 
-    def stage_done(self, component: str) -> None:
-        """Low-memory mode frees a component's session when its stage ends (reopened if needed again)."""
+    def open_session(self, component: str):
+        """The component's session: opened now, or on first use in low-memory mode."""
         if self.low_memory:
-            getattr(self, component).release()
+            return LazySession(self.folder, component, self.providers, low_memory_options)
+        return self.folder.session(component, self.providers)
+
+    def stage_done(self, stage: str) -> None:
+        """Low-memory mode frees a stage's sessions when it ends (reopened if needed again)."""
+        if self.low_memory:
+            stage_sessions = [e.session for e in self.text_encoders] if stage == "text_encoder" else [getattr(self, stage)]
+            for session in stage_sessions:
+                session.release()
 
     # -- text -------------------------------------------------------------------------
 
-    def encode_prompts(self, prompts: list, *, emphasis: str = "Original", clip_skip: int = 1) -> np.ndarray:
+    def encode_prompts(self, prompts: list, *, emphasis: str = "Original", clip_skip: int | None = None) -> np.ndarray:
         """(len(prompts), 77 * k, hidden) conditioning with A1111's emphasis, BREAK and 75-token chunks.
 
         Every row gets the same chunk count k (shorter prompts are padded with the empty prompt's
         chunk), so prompts and negative prompts encoded in one call share a UNet batch. All
-        chunks go through the text encoder in one batched call (see runtime/prompts.py).
+        chunks go through each text encoder in one batched call (see runtime/conditioning.py).
         """
-        output = "last_hidden_state" if clip_skip == 1 else "clip_skip_hidden_state"
-        feed = {} if clip_skip == 1 else {"clip_skip": np.int64(clip_skip)}
+        return self.encode_text(prompts, emphasis=emphasis, clip_skip=clip_skip).context
 
-        def run(ids):
-            return self.text_encoder.run([output], input_ids=ids, **feed)[0]
+    def encode_text(self, prompts: list, *, emphasis: str = "Original", clip_skip: int | None = None):
+        """The `Conditioning` of `prompts`: context, and the pooled text for SDXL."""
+        clip_skip = self.folder.family.default_clip_skip if clip_skip is None else clip_skip
+        return conditioning.encode(prompts, self.text_encoders, emphasis=emphasis, clip_skip=clip_skip,
+                                   embeddings=self.embeddings)
 
-        return encode_prompt_chunks(prompts, self.tokenizer, run, emphasis=emphasis)
+    def load_embedding(self, path, token: str | None = None):
+        """Load a textual inversion file; the prompt word `token` (default: the file name) then
+        stands for its vectors. Returns the Embedding. See runtime/embeddings.py for the formats."""
+        from edgesd.runtime.embeddings import load_embedding
+
+        encoders = [(self.folder.family.text_encoder(e.spec.name), e.spec.hidden_size)
+                    for e in self.text_encoders]
+        embedding = load_embedding(path, encoders, token)
+        for encoder in self.text_encoders:
+            encoder.embedding_feed((1, 1), [], {})  # refuses folders whose graphs cannot take the vectors
+        chunk = self.tokenizer.max_length - 2
+        if not self.tokenizer.encode(embedding.name):
+            raise InvalidArgumentError(f"embedding name {embedding.name!r} has no tokens")
+        if embedding.length > chunk:
+            raise CheckpointError(f"{path}: {embedding.length} vectors do not fit in a {chunk}-token chunk")
+        self.embeddings[embedding.name] = embedding
+        return embedding
+
+    def condition(self, prompts: list, negatives: list | None, *, emphasis: str, clip_skip: int) -> tuple:
+        """(cond, uncond) Conditioning; uncond is None without CFG. SDXL (force_zeros_for_empty_prompt):
+        when every negative prompt is empty, uncond is all zeros, as A1111 and diffusers do."""
+        if not self.applies_clip_skip():
+            clip_skip = self.folder.family.default_clip_skip
+        zero_negatives = negatives is not None and self.zero_empty_negative and not any(negatives)
+        texts = prompts + (negatives if negatives is not None and not zero_negatives else [])
+        encoded = self.encode_text(texts, emphasis=emphasis, clip_skip=clip_skip)
+        cond = encoded.rows(0, len(prompts))
+        if negatives is None:
+            return cond, None
+        return cond, cond.zeros() if zero_negatives else encoded.rows(len(prompts), len(texts))
 
     def check_clip_skip(self, clip_skip) -> int:
-        """A1111's Clip skip (1 = last layer); > 1 needs a text encoder with `clip_skip_hidden_state`."""
+        """A1111's Clip skip (1 = last layer; None: the family's default); a value other than the
+        default needs text encoders with `clip_skip_hidden_state`."""
         if clip_skip is None:
             return self.folder.family.default_clip_skip
-        layers = int(self.folder.configs["text_encoder"].get("num_hidden_layers", 12))
+        layers = min(int(self.folder.configs[e.spec.name].get("num_hidden_layers", 12)) for e in self.text_encoders)
         clip_skip = check_int("clip_skip", clip_skip, 1, layers)
-        has_output = "clip_skip_hidden_state" in self.text_encoder.output_names
-        if clip_skip > 1 and self.applies_clip_skip() and not has_output:
-            raise ModelFolderError(f"{self.folder.path}: this text encoder has no clip_skip_hidden_state output "
-                                   "(an optimum or older edgesd export); re-export it with `edgesd export` "
-                                   "to use clip_skip > 1")
+        if self.applies_clip_skip():
+            for encoder in self.text_encoders:
+                encoder.hidden_output(clip_skip)
         return clip_skip
 
     def applies_clip_skip(self) -> bool:
-        """A1111 applies Clip skip to CLIP ViT-L text encoders (SD1) only; with OpenCLIP ones (SD2)
-        it has no effect, though the infotext still records it."""
-        encoders = getattr(self.folder.family, "text_encoders", ())
-        return all(getattr(e, "layout", "clip") == "clip" for e in encoders)
+        """A1111 applies Clip skip to CLIP ViT-L text encoders (SD1); with SD2's OpenCLIP one it has no
+        effect, though the infotext still records it. SDXL: both encoders, as diffusers does."""
+        return self.folder.family.clip_skip_applies
 
     # -- sampling ---------------------------------------------------------------------
 
-    def make_denoiser(self, cond: np.ndarray, uncond: np.ndarray | None, guidance_scale: float, timings: dict,
-                      image_cond: np.ndarray | None = None):
+    def make_denoiser(self, cond, uncond, guidance_scale: float, timings: dict,
+                      image_cond: np.ndarray | None = None, time_ids: np.ndarray | None = None):
         """The `denoise(x, sigma) -> x0` callable over the UNet, with CFG when `uncond` is given.
 
-        `image_cond` (inpainting models: mask + masked-image latent) is appended to the scaled
-        latent's channels unscaled, as LDM's hybrid conditioning and diffusers do."""
+        `cond`/`uncond` are Conditioning (or plain context arrays). `image_cond` (inpainting models:
+        mask + masked-image latent) is appended to the scaled latent's channels unscaled, as LDM's
+        hybrid conditioning and diffusers do. SDXL also gets the pooled text and `time_ids` (the same
+        for every row, cond and uncond alike)."""
         self.stage_done("text_encoder")  # the prompts are encoded by now
         table, prediction = self.sigma_table, self.folder.prediction_type
         dtype = self.unet.input_dtypes["sample"]
-        context = cond if uncond is None else np.concatenate([cond, uncond])
-        context = context.astype(self.unet.input_dtypes["encoder_hidden_states"])
+        rows = [c if isinstance(c, conditioning.Conditioning) else conditioning.Conditioning(c)
+                for c in (cond, uncond) if c is not None]
+        both = conditioning.concat(*rows)
+        context = both.context.astype(self.unet.input_dtypes["encoder_hidden_states"])
+        added = {}
+        if both.pooled is not None:
+            added = {"text_embeds": both.pooled, "time_ids": np.repeat(time_ids[None], len(both.pooled), axis=0)}
         t_rank, t_dtype = self.unet.input_ranks["timestep"], self.unet.input_dtypes["timestep"]
 
         def denoise(x, sigma):
@@ -144,7 +193,7 @@ class Pipeline:
                 model_in = np.concatenate([model_in, model_in])
             timestep = np.full((len(model_in),) if t_rank else (), t, dtype=t_dtype)
             start = time.perf_counter()
-            out = self.unet.run(sample=model_in, timestep=timestep, encoder_hidden_states=context)[0]
+            out = self.unet.run(sample=model_in, timestep=timestep, encoder_hidden_states=context, **added)[0]
             timings["unet"] = timings.get("unet", 0.0) + time.perf_counter() - start
             out = out.astype(np.float32)
             if uncond is not None:
@@ -181,6 +230,7 @@ class Pipeline:
                  clip_skip: int | None = None, emphasis: str = "Original", vae_tiling: bool = False,
                  enable_hr: bool = False, hr_scale: float = 2.0, hr_upscaler: str = "Latent",
                  hr_second_pass_steps: int = 0, hr_denoising_strength: float = 0.7,
+                 original_size=None, crops_coords_top_left=(0, 0), target_size=None,
                  **sampler_options) -> GenerationResult:
         """txt2img; img2img with `init_image` (+ `strength`); inpainting with `mask_image` too.
 
@@ -192,6 +242,8 @@ class Pipeline:
         `enable_hr` adds A1111's hires fix (runtime/hires.py): the image is generated at
         height x width, upscaled by `hr_scale` with `hr_upscaler`, then refined by an img2img
         pass of `hr_second_pass_steps` (0: as many as the first) at `hr_denoising_strength`.
+        SDXL: `original_size`, `crops_coords_top_left` and `target_size` ((height, width) pairs in
+        pixels; the sizes default to the image's) become the UNet's `time_ids`, as in diffusers.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
@@ -214,6 +266,8 @@ class Pipeline:
         schedule = schedulers.resolve_schedule(schedule)
         subseed_strength, ensd = check_variation(subseed_strength, ensd)
         clip_skip, emphasis = self.check_clip_skip(clip_skip), check_emphasis(emphasis)
+        sizes = dict(original_size=original_size, crops_coords_top_left=crops_coords_top_left, target_size=target_size)
+        size_ids = conditioning.time_ids(height, width, **sizes)
         hr = None
         if enable_hr:
             if init_image is not None:
@@ -238,9 +292,7 @@ class Pipeline:
         timings = {}
         start = time.perf_counter()
         use_cfg = guidance_scale > 1.0
-        embeddings = self.encode_prompts(prompts + (negatives if use_cfg else []), emphasis=emphasis,
-                                         clip_skip=clip_skip if self.applies_clip_skip() else 1)
-        cond, uncond = (np.split(embeddings, 2) if use_cfg else (embeddings, None))
+        cond, uncond = self.condition(prompts, negatives if use_cfg else None, emphasis=emphasis, clip_skip=clip_skip)
         timings["text_encoder"] = time.perf_counter() - start
 
         sigmas = schedulers.sigmas_for(sampler, schedule, steps, self.sigma_table)
@@ -249,7 +301,7 @@ class Pipeline:
             init_image, mask_image, width, height, shape, mask_blur, inpainting_fill, seeds, rng, timings,
             bool(vae_tiling))
         denoise = self.make_denoiser(cond, uncond, guidance_scale, timings,
-                                     self.image_conditioning(job, shape, width, height))
+                                     self.image_conditioning(job, shape, width, height), size_ids)
         if job is None:
             x = latents * np.float32(init_scale)
         else:
@@ -263,8 +315,11 @@ class Pipeline:
             x = x * job.mask.latent + job.latent * (1 - job.mask.latent)
         x = (x * out_scale).astype(np.float32)
         if hr is not None:
+            hr_size = hires.target_size(width, height, hr.scale)  # A1111: SDXL's sizes are the hires pass's
+            hr_ids = conditioning.time_ids(hr_size[1], hr_size[0], **sizes)
             x = self.hires_pass(x, hr, width, height, (seeds, rng, subseeds, subseed_strength, ensd),
-                                sampler, schedule, self.make_denoiser(cond, uncond, guidance_scale, timings),
+                                sampler, schedule, self.make_denoiser(cond, uncond, guidance_scale, timings,
+                                                                      time_ids=hr_ids),
                                 callback, sampler_options, vae_tiling)
 
         start = time.perf_counter()
@@ -312,8 +367,7 @@ class Pipeline:
     def vae_encoder(self):
         """The encoder session, opened on first use (txt2img never needs it)."""
         if self._vae_encoder is None:
-            self._vae_encoder = (LazySession(self.folder, "vae_encoder", self.providers, low_memory_options)
-                                 if self.low_memory else self.folder.session("vae_encoder", self.providers))
+            self._vae_encoder = self.open_session("vae_encoder")
         return self._vae_encoder
 
     def encode_image(self, pixels: np.ndarray, tiling: bool = False) -> np.ndarray:

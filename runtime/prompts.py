@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -141,6 +141,10 @@ def is_break(part) -> bool:
 class PromptChunk:
     tokens: list  # BOS, 75 token ids (padded), EOS
     weights: list  # one multiplier per token; 1.0 on BOS, EOS and padding
+    fixes: list = field(default_factory=list)  # (position in the 77, embedding name): its vectors go there
+
+
+EMBEDDING_PLACEHOLDER = 0  # the token id under an embedding's vectors (A1111's)
 
 
 class _ChunkWriter:
@@ -151,22 +155,37 @@ class _ChunkWriter:
         self.comma = tokenizer.token_id(COMMA_TOKEN)
         self.length = tokenizer.max_length - 2
         self.backtrack = backtrack
-        self.chunks, self.tokens, self.weights = [], [], []
+        self.chunks, self.tokens, self.weights, self.fixes = [], [], [], []
         self.last_comma = -1
 
-    def add(self, token: int, weight: float) -> None:
+    def add(self, token: int, weight: float, embedding: tuple | None = None) -> None:
+        """Append `token`; or, with `embedding` = (name, vector count), the placeholders of an
+        embedding whose word starts with `token` (moved whole to a new chunk when it does not fit)."""
         if token == self.comma:
             self.last_comma = len(self.tokens)
         elif self._should_backtrack():
-            cut = self.last_comma + 1
-            moved = self.tokens[cut:], self.weights[cut:]
-            del self.tokens[cut:], self.weights[cut:]
-            self.close()
-            self.tokens, self.weights = list(moved[0]), list(moved[1])
+            self._move_after_comma()
         if len(self.tokens) == self.length:
             self.close()
-        self.tokens.append(token)
-        self.weights.append(weight)
+        if embedding is None:
+            self.tokens.append(token)
+            self.weights.append(weight)
+            return
+        name, count = embedding
+        if len(self.tokens) + count > self.length:
+            self.close()
+        self.fixes.append((len(self.tokens) + 1, name))  # + 1: after BOS
+        self.tokens += [EMBEDDING_PLACEHOLDER] * count
+        self.weights += [weight] * count
+
+    def _move_after_comma(self) -> None:
+        """Close the chunk after its last comma; what followed (embeddings too) starts the next."""
+        cut = self.last_comma + 1
+        moved = self.tokens[cut:], self.weights[cut:], [(p - cut, n) for p, n in self.fixes if p > cut]
+        del self.tokens[cut:], self.weights[cut:]
+        self.fixes = [(p, n) for p, n in self.fixes if p <= cut]
+        self.close()
+        self.tokens, self.weights, self.fixes = list(moved[0]), list(moved[1]), moved[2]
 
     def _should_backtrack(self) -> bool:
         """A full chunk whose last comma is at most `backtrack` tokens back: cut after the comma."""
@@ -181,8 +200,8 @@ class _ChunkWriter:
         if self.pad != self.eos:  # models whose pad id differs pad everything after the first EOS
             first = tokens.index(self.eos)
             tokens = tokens[:first + 1] + [self.pad] * (len(tokens) - first - 1)
-        self.chunks.append(PromptChunk(tokens, [1.0, *self.weights, *[1.0] * fill, 1.0]))
-        self.tokens, self.weights, self.last_comma = [], [], -1
+        self.chunks.append(PromptChunk(tokens, [1.0, *self.weights, *[1.0] * fill, 1.0], self.fixes))
+        self.tokens, self.weights, self.fixes, self.last_comma = [], [], [], -1
 
     def finish(self) -> list:
         if self.tokens or not self.chunks:
@@ -190,17 +209,26 @@ class _ChunkWriter:
         return self.chunks
 
 
-def tokenize_prompt(prompt: str, tokenizer, *, emphasis: str = "Original", backtrack: int = COMMA_BACKTRACK) -> list:
-    """A prompt -> [PromptChunk, ...]: at least one chunk; BREAK always starts a new one."""
+def tokenize_prompt(prompt: str, tokenizer, *, emphasis: str = "Original", backtrack: int = COMMA_BACKTRACK,
+                    embeddings: dict | None = None) -> list:
+    """A prompt -> [PromptChunk, ...]: at least one chunk; BREAK always starts a new one.
+
+    `embeddings`: {name: (token ids of the name, vector count)}; where a name's token ids occur
+    (the longest match first, as A1111), its vectors take `vector count` positions."""
     check_emphasis(emphasis)
     parsed = [(prompt, 1.0)] if emphasis == "None" else parse_prompt_attention(prompt)
     writer = _ChunkWriter(tokenizer, backtrack)
+    lookup = sorted(((n, e) for n, e in (embeddings or {}).items() if e[0]), key=lambda item: -len(item[1][0]))
     for ids, part in zip(tokenizer.encode_batch([text for text, _ in parsed]), parsed):
         if is_break(part):
             writer.close()
             continue
-        for token in ids:
-            writer.add(token, part[1])
+        position = 0
+        while position < len(ids):
+            match = next(((name, ids_count) for name, ids_count in lookup
+                          if tuple(ids[position:position + len(ids_count[0])]) == tuple(ids_count[0])), None)
+            writer.add(ids[position], part[1], None if match is None else (match[0], match[1][1]))
+            position += 1 if match is None else len(match[1][0])
     return writer.finish()
 
 
@@ -233,16 +261,28 @@ def apply_emphasis(z: np.ndarray, weights: np.ndarray, emphasis: str) -> np.ndar
     return (weighted * (before / after)).astype(z.dtype)
 
 
-def chunk_batch(prompts: list, tokenizer, *, emphasis: str = "Original", backtrack: int = COMMA_BACKTRACK):
-    """(ids, weights, count): ids and weights (len(prompts) * count, 77) with every prompt padded to
-    `count` chunks by empty-prompt chunks, prompt-major."""
-    per_prompt = [tokenize_prompt(p, tokenizer, emphasis=emphasis, backtrack=backtrack) for p in prompts]
+def chunk_rows(prompts: list, tokenizer, *, emphasis: str = "Original", backtrack: int = COMMA_BACKTRACK,
+               embeddings: dict | None = None) -> tuple:
+    """(rows, count): every prompt's chunks padded to `count` by empty-prompt chunks, prompt-major."""
+    per_prompt = [tokenize_prompt(p, tokenizer, emphasis=emphasis, backtrack=backtrack, embeddings=embeddings)
+                  for p in prompts]
     count = max(len(c) for c in per_prompt)
     pad = empty_chunk(tokenizer)
-    rows = [chunk for chunks in per_prompt for chunk in chunks + [pad] * (count - len(chunks))]
-    ids = np.array([c.tokens for c in rows], dtype=np.int64)
-    weights = np.array([c.weights for c in rows], dtype=np.float32)
-    return ids, weights, count
+    return [chunk for chunks in per_prompt for chunk in chunks + [pad] * (count - len(chunks))], count
+
+
+def chunk_batch(prompts: list, tokenizer, *, emphasis: str = "Original", backtrack: int = COMMA_BACKTRACK):
+    """(ids, weights, count): ids and weights (len(prompts) * count, 77) of chunk_rows."""
+    rows, count = chunk_rows(prompts, tokenizer, emphasis=emphasis, backtrack=backtrack)
+    return _ids(rows), _weights(rows), count
+
+
+def _ids(rows: list) -> np.ndarray:
+    return np.array([c.tokens for c in rows], dtype=np.int64)
+
+
+def _weights(rows: list) -> np.ndarray:
+    return np.array([c.weights for c in rows], dtype=np.float32)
 
 
 def encode_prompts(prompts: list, tokenizer, encode_chunks, *, emphasis: str = "Original",
@@ -253,7 +293,16 @@ def encode_prompts(prompts: list, tokenizer, encode_chunks, *, emphasis: str = "
     Repeated prompts are encoded once.
     """
     unique = list(dict.fromkeys(prompts))
-    ids, weights, count = chunk_batch(unique, tokenizer, emphasis=emphasis, backtrack=backtrack)
-    z = apply_emphasis(np.asarray(encode_chunks(ids), dtype=np.float32), weights, emphasis)
-    z = z.reshape(len(unique), count * z.shape[1], z.shape[2])
+    z = encode_unique(unique, tokenizer, encode_chunks, emphasis=emphasis, backtrack=backtrack)
     return z[[unique.index(p) for p in prompts]]
+
+
+def encode_unique(prompts: list, tokenizer, encode_chunks, *, emphasis: str = "Original",
+                  backtrack: int = COMMA_BACKTRACK, embeddings: dict | None = None) -> np.ndarray:
+    """encode_prompts for distinct prompts: chunks encoded in one batch, emphasis applied per chunk,
+    chunks concatenated on the token axis. With `embeddings` (see tokenize_prompt),
+    `encode_chunks(ids, fixes)` also gets each row's embedding positions."""
+    rows, count = chunk_rows(prompts, tokenizer, emphasis=emphasis, backtrack=backtrack, embeddings=embeddings)
+    z = encode_chunks(_ids(rows), [c.fixes for c in rows]) if embeddings else encode_chunks(_ids(rows))
+    z = apply_emphasis(np.asarray(z, dtype=np.float32), _weights(rows), emphasis)
+    return z.reshape(len(prompts), count * z.shape[1], z.shape[2])

@@ -107,7 +107,8 @@ def test_export_bad_sources(tmp_path, make, words, run_main):
 
 @requires_exporter
 def test_export_wrong_family(tmp_path, run_main):
-    """An SDXL-layout file is recognised and refused by name (SD1.x is what this version exports)."""
+    """A file with only a few SDXL keys is recognised by name and refused as a non-standard
+    architecture without --config; a LoRA is not a checkpoint."""
     import torch
     from safetensors.torch import save_file
 

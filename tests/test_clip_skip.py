@@ -39,13 +39,17 @@ def latents(seed=3):
 
 
 def test_graph_has_optional_clip_skip_input(tiny_export):
+    """clip_skip (and the textual inversion inputs) are inputs with defaults stored as initializers."""
     import onnx
     from onnx import numpy_helper
 
     graph = onnx.load(str(tiny_export / "text_encoder" / "model.onnx")).graph
-    defaults = {i.name: numpy_helper.to_array(i) for i in graph.initializer if i.name == "clip_skip"}
-    assert [i.name for i in graph.input] == ["input_ids", "clip_skip"]
+    names = ["clip_skip", "embedding_override", "embedding_mask"]
+    defaults = {i.name: numpy_helper.to_array(i) for i in graph.initializer if i.name in names}
+    assert [i.name for i in graph.input] == ["input_ids", *names]
     assert defaults["clip_skip"].dtype == np.int64 and defaults["clip_skip"].shape == () and defaults["clip_skip"] == 1
+    assert defaults["embedding_override"].shape == (1, 1, 32) and not defaults["embedding_override"].any()
+    assert defaults["embedding_mask"].shape == (1, 1, 1) and not defaults["embedding_mask"].any()
     assert [o.name for o in graph.output] == ["last_hidden_state", "pooler_output", "clip_skip_hidden_state"]
 
 
@@ -151,9 +155,10 @@ def test_open_clip_text_encoders_ignore_clip_skip(pipe, monkeypatch):
     """As in A1111, whose OpenCLIP embedder (SD2) never reads the Clip skip setting."""
     from dataclasses import replace
 
-    family = pipe.folder.family
-    monkeypatch.setattr(pipe.folder, "family", replace(
-        family, text_encoders=tuple(replace(e, layout="open_clip") for e in family.text_encoders)))
+    from edgesd.models.families import SD2
+
+    assert not SD2.clip_skip_applies
+    monkeypatch.setattr(pipe.folder, "family", replace(pipe.folder.family, clip_skip_applies=False))
     kwargs = dict(num_inference_steps=2, latents=latents(), output_type="np")
     skipped, plain = pipe(PROMPT, clip_skip=2, **kwargs), pipe(PROMPT, **kwargs)
     np.testing.assert_array_equal(skipped.images, plain.images)

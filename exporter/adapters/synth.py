@@ -28,7 +28,8 @@ def base_model(family: str = "sd1", size: str = "tiny", seed: int = 0):
     family_obj, configs, unet, vae, texts = build_modules(family, size, seed)
     encoder = family_obj.text_encoders[0]
     text = texts[0] if not encoder.layers_unused else text_model(configs[encoder.name], encoder)  # as loaded
-    return SimpleNamespace(family=family_obj, configs=configs, unet=unet, vae=vae, text_encoder=text)
+    return SimpleNamespace(family=family_obj, configs=configs, unet=unet, vae=vae, text_encoder=text,
+                           text_encoder_2=texts[1] if len(texts) > 1 else None)
 
 
 def kohya_targets(model) -> list:
@@ -55,7 +56,7 @@ def unet_targets(unet, *, conv: bool = True) -> list:
 def text_targets(text) -> list:
     import torch
 
-    return [(p, m) for p, m in text.named_modules() if isinstance(m, torch.nn.Linear)]
+    return [(p, m) for p, m in text.named_modules() if isinstance(m, torch.nn.Linear) and "text_projection" not in p]
 
 
 def kohya_name(prefix: str, path: str) -> str:
@@ -97,7 +98,8 @@ def write_kohya_lora(model, out, *, rank: int = 4, seed: int = 0, conv: bool = T
                      text: bool = True, alphas: str = "mixed", std: float = 0.2, sdxl_names: bool = False,
                      vary_rank: bool = True) -> Path:
     """kohya LoRA / LoCon. `tucker` gives 3x3 convs a `lora_mid` core; `sdxl_names` writes the
-    keys an SDXL LoRA would have (LDM UNet paths, `lora_te1_`), for wrong-family tests."""
+    keys an SDXL LoRA has (LDM UNet paths, `lora_te1_`, and `lora_te2_` when the model has a
+    second text encoder)."""
     import torch
 
     from edgesd.exporter.ldm_layout import UNET_RESNET, _rename, unet_module_pairs
@@ -109,6 +111,8 @@ def write_kohya_lora(model, out, *, rank: int = 4, seed: int = 0, conv: bool = T
     if text:
         targets += [("lora_te1" if sdxl_names else "lora_te", text_checkpoint_key(p), m)
                     for p, m in text_targets(model.text_encoder)]
+    if text and sdxl_names and getattr(model, "text_encoder_2", None) is not None:
+        targets += [("lora_te2", text_checkpoint_key(p), m) for p, m in text_targets(model.text_encoder_2)]
     for i, (prefix, path, module) in enumerate(targets):
         if sdxl_names and prefix == "lora_unet":
             path = _rename(path + ".weight", pairs, {"resnet": UNET_RESNET})[: -len(".weight")]

@@ -46,9 +46,9 @@ def check_component(ctx, component: str):
     torch_feed = dict(feed)
     for t in spec.inputs:  # an optional input the graph lacks: torch gets its default, ONNX nothing
         if t.name not in names and t.default is not None:
-            torch_feed[t.name] = np.array(t.default, dtype=t.resolved_dtype("fp32"))
+            torch_feed[t.name] = t.default_array("fp32")
             feed.pop(t.name)
-    graph = graph_for(component, loaded)
+    graph = graph_for(spec, loaded)
     try:
         with torch.no_grad():
             expected = graph(*[torch.from_numpy(np.ascontiguousarray(torch_feed[t.name])) for t in spec.inputs])

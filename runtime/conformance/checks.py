@@ -281,7 +281,7 @@ def check_layout(ctx: Context):
         if component not in ctx.configs:
             missing.append(" or ".join(EXPORTED_CONFIG_FILES.get(component, (f"{component}/config.json",))))
     problems = [p for p in (ctx.config_problem, ctx.family_problem) if p]
-    for name in REQUIRED_GRAPHS:
+    for name in dict.fromkeys([*REQUIRED_GRAPHS, *(getattr(e, "name", e) for e in encoders)]):
         if name in ctx.specs and not (ctx.path / ctx.specs[name].path).is_file():
             missing.append(ctx.specs[name].path)
     for name, entry in ((ctx.raw_manifest or {}).get("components") or {}).items():

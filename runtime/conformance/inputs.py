@@ -45,14 +45,18 @@ def make_inputs(spec, configs: dict, *, batch: int, latent_hw: tuple, seed: int,
             continue
         shape, dtype = shape_of(t, sizes), np.dtype(t.resolved_dtype("fp32"))
         if t.name == "input_ids":
-            vocab = int(configs["text_encoder"]["vocab_size"])
+            vocab = int(configs[spec.name]["vocab_size"])
             ids = rng.integers(0, vocab - 2, size=shape)
             ids[:, 0] = vocab - 2  # BOS, then EOS from the middle on so pooling has a real target
             ids[:, shape[1] // 2:] = vocab - 1
             feed[t.name] = ids.astype(dtype)
         elif t.name == "clip_skip":
-            layers = int(configs["text_encoder"].get("num_hidden_layers", 1))
+            layers = int(configs[spec.name].get("num_hidden_layers", 1))
             feed[t.name] = np.array(max(1, min(clip_skip, layers)), dtype=dtype)
+        elif t.name == "embedding_mask":  # some positions take the override, the others the token embedding
+            feed[t.name] = (rng.random(shape) < 0.3).astype(dtype)
+        elif t.name == "time_ids":  # sizes and crop offsets in pixels, as SDXL gets them
+            feed[t.name] = rng.integers(0, 1024, size=shape).astype(dtype)
         elif t.name == "timestep":
             feed[t.name] = np.full(shape, rng.uniform(1, 999), dtype=dtype)
         elif np.issubdtype(dtype, np.integer):
