@@ -26,6 +26,10 @@ BREAK = "BREAK"
 BREAK_WEIGHT = -1.0
 COMMA_BACKTRACK = 20  # A1111's comma_padding_backtrack default
 COMMA_TOKEN = ",</w>"
+# Far beyond real prompts (A1111's rarely pass 5 chunks); bounds the UNet context (77 per chunk)
+# and the time spent tokenizing, so a pasted book is refused instead of exhausting memory.
+MAX_CHUNKS = 32
+MAX_PROMPT_CHARS = 64 * 1024
 EMPHASES = {
     "Original": "weights scale the token vectors, then the chunk's mean is restored (A1111's default)",
     "No norm": "weights scale the token vectors, without restoring the mean",
@@ -193,6 +197,8 @@ class _ChunkWriter:
 def tokenize_prompt(prompt: str, tokenizer, *, emphasis: str = "Original", backtrack: int = COMMA_BACKTRACK) -> list:
     """A prompt -> [PromptChunk, ...]: at least one chunk; BREAK always starts a new one."""
     check_emphasis(emphasis)
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise InvalidArgumentError(f"prompt is too long: {len(prompt)} characters; at most {MAX_PROMPT_CHARS}")
     parsed = [(prompt, 1.0)] if emphasis == "None" else parse_prompt_attention(prompt)
     writer = _ChunkWriter(tokenizer, backtrack)
     for ids, part in zip(tokenizer.encode_batch([text for text, _ in parsed]), parsed):
@@ -201,7 +207,11 @@ def tokenize_prompt(prompt: str, tokenizer, *, emphasis: str = "Original", backt
             continue
         for token in ids:
             writer.add(token, part[1])
-    return writer.finish()
+    chunks = writer.finish()
+    if len(chunks) > MAX_CHUNKS:
+        raise InvalidArgumentError(f"prompt is too long: {len(chunks)} chunks of 75 tokens; at most {MAX_CHUNKS} "
+                                   f"({MAX_CHUNKS * 75} tokens)")
+    return chunks
 
 
 def empty_chunk(tokenizer) -> PromptChunk:
@@ -242,6 +252,8 @@ def chunk_batch(prompts: list, tokenizer, *, emphasis: str = "Original", backtra
     rows = [chunk for chunks in per_prompt for chunk in chunks + [pad] * (count - len(chunks))]
     ids = np.array([c.tokens for c in rows], dtype=np.int64)
     weights = np.array([c.weights for c in rows], dtype=np.float32)
+    if not np.isfinite(weights).all():
+        raise InvalidArgumentError("attention weight must be finite: a (text:weight) in the prompt overflows")
     return ids, weights, count
 
 
