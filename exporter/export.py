@@ -13,7 +13,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from edgesd.errors import CheckpointError, InvalidArgumentError
+from edgesd.errors import CheckpointError, EdgesdError, InvalidArgumentError, OutputError
 from edgesd.models.families import EXPORTED_CONFIG_FILES
 from edgesd.models.manifest import FORMAT_VERSION, sha256_file, write_manifest
 
@@ -38,7 +38,10 @@ def export(source, out, *, config=None, prediction=None, overwrite: bool = False
     if out.exists() and not out.is_dir():
         raise InvalidArgumentError(f"{out} exists and is not a folder")
     parent = out.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{parent}: cannot create the output's folder ({e.strerror or e})") from None
     if not os.access(parent, os.W_OK):
         raise InvalidArgumentError(f"{parent}: the output folder's parent is not writable")
     remove_stale_temporaries(parent, out.name)
@@ -48,8 +51,11 @@ def export(source, out, *, config=None, prediction=None, overwrite: bool = False
         manifest = build_folder(source, tmp, config=config, prediction=prediction, verify=verify, progress=progress,
                                 loras=loras, hypernetworks=hypernetworks, lenient=lenient)
         replace_folder(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and not isinstance(e, EdgesdError):  # disk full, permissions, a file gone
+            raise OutputError(f"{out}: export failed: {e.strerror or e}"
+                              + (f" ({e.filename})" if e.filename else "")) from None
         raise
     return manifest
 
