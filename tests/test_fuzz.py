@@ -117,7 +117,7 @@ def test_fuzz_lora_loader(base, scratch):
     files = st.dictionaries(st.tuples(st.sampled_from(LORA_MODULES), st.sampled_from(LORA_PARAMS)).map(".".join),
                             tensors, min_size=1, max_size=5)
 
-    @fuzz(BUDGET // 2)
+    @fuzz(BUDGET // 4)
     @given(files)
     def run(state):
         targets.check_lora(state, scratch / "l.safetensors", base)
@@ -132,7 +132,7 @@ def test_fuzz_hypernetwork_loader(base, scratch):
     from edgesd.exporter.adapters import synth
 
     good = torch.load(str(synth.write_hypernetwork(base, scratch / "good.pt")), weights_only=True)
-    values = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.text(max_size=6),
+    values = st.one_of(st.none(), st.booleans(), st.just(torch.zeros(2)), st.integers(-3, 3), st.text(max_size=6),
                        st.lists(st.floats(allow_nan=True), max_size=4), st.just(torch.zeros(2, 2)),
                        st.just(({}, {})), st.just(({"linear.0.weight": torch.zeros(3, 3)}, {})))
     keys = st.one_of(st.sampled_from(list(good) + ["activation_func", "layer_structure", "is_layer_norm",
@@ -141,7 +141,7 @@ def test_fuzz_hypernetwork_loader(base, scratch):
     objects = st.one_of(st.dictionaries(keys, values, max_size=5).map(lambda d: {**good, **d}),
                         st.dictionaries(keys, values, max_size=5), values)
 
-    @fuzz(BUDGET // 2)
+    @fuzz(BUDGET // 6)
     @given(objects)
     def run(obj):
         targets.check_hypernetwork(obj, scratch / "h.pt", base)
