@@ -5,7 +5,8 @@ by the next export, and a final rerun succeeds.
 The exports are forked from a process that has imported the exporter once
 (tests/export_zygote.py), so each kill costs only the export's own run time; the kill moments
 are stratified over the measured duration of one whole export (seeded jitter), with the last
-ones past its end. `python tests/kill_export_long.py` runs the same check with fresh
+ones past its end. Two lanes (each its own output folder and exporter process) run side by
+side, 10 kills each. `python tests/kill_export_long.py` runs the same check with fresh
 `edgesd export` processes and as many kills as asked.
 """
 
@@ -73,9 +74,11 @@ def assert_complete(out: Path) -> None:
     ModelFolder.open(out)  # manifest valid, every graph and config present, every hash as recorded
 
 
-def test_sigkill_at_20_moments_keeps_the_previous_version(tiny_checkpoint, tmp_path):
-    out = tmp_path / "model"
-    args = ["export", tiny_checkpoint, "-o", out, "--config", TINY_CONFIG, "--overwrite", "-q", "--no-verify"]
+def kill_lane(checkpoint, parent: Path, kills: int, seed: int) -> int:
+    """One export lane: a complete export, `kills` SIGKILLed reruns with --overwrite, a final rerun.
+    Kill moments are stratified over the measured run time, the last two at and past its end."""
+    out = parent / "model"
+    args = ["export", checkpoint, "-o", out, "--config", TINY_CONFIG, "--overwrite", "-q", "--no-verify"]
     zygote = Zygote()
     try:
         start = time.perf_counter()
@@ -83,11 +86,11 @@ def test_sigkill_at_20_moments_keeps_the_previous_version(tiny_checkpoint, tmp_p
         duration = time.perf_counter() - start
         assert_complete(out)
         previous = snapshot(out)
-        rng = random.Random(20)
-        moments = [duration * (i + rng.random()) / (KILLS - 2) for i in range(KILLS - 2)]
+        rng = random.Random(seed)
+        moments = [duration * (i + rng.random()) / (kills - 2) for i in range(kills - 2)]
         moments += [duration * 1.0, duration * 1.1]  # near and past the measured end: the final rename
         killed = []
-        while len(killed) < KILLS:
+        while len(killed) < kills:
             moment = moments[len(killed)]
             pid, outcome = zygote.run(args, kill_after=moment)
             if outcome == "exit 0":  # finished before the kill (timing varies): the new version is complete
@@ -98,13 +101,26 @@ def test_sigkill_at_20_moments_keeps_the_previous_version(tiny_checkpoint, tmp_p
             assert outcome == f"signal {signal.SIGKILL}", outcome
             assert snapshot(out) == previous, f"killed at {moment:.2f}s of {duration:.2f}s"
             killed.append(pid)
-            owners = {owner(n, "model") for n in leftovers(tmp_path, "model")}
+            owners = {owner(n, "model") for n in leftovers(parent, "model")}
             assert owners <= set(killed[-2:]), "temporary folders of earlier killed runs were not cleaned up"
         assert zygote.run(args)[1] == "exit 0"  # a rerun succeeds
     finally:
         zygote.close()
     assert_complete(out)
-    assert leftovers(tmp_path, "model") == []
+    assert leftovers(parent, "model") == []
+    return len(killed)
+
+
+def test_sigkill_at_20_moments_keeps_the_previous_version(tiny_checkpoint, tmp_path):
+    """Two lanes side by side (one per core), 10 kills each."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    lanes = [tmp_path / "a", tmp_path / "b"]
+    for lane in lanes:
+        lane.mkdir()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        kills = pool.map(lambda i: kill_lane(tiny_checkpoint, lanes[i], KILLS // 2, seed=20 + i), range(2))
+        assert sum(kills) == KILLS
 
 
 def test_folder_moved_aside_by_a_killed_run_is_restored(tmp_path):
