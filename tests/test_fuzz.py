@@ -15,10 +15,11 @@ import fuzz_targets as targets  # noqa: E402
 from conftest import TINY_CONFIG, requires_exporter  # noqa: E402
 
 BUDGET = int(os.environ.get("EDGESD_FUZZ_EXAMPLES", "150"))
+LONG_RUN = "EDGESD_FUZZ_EXAMPLES" in os.environ  # fuzz_long.py: random (seeded by --hypothesis-seed)
 
 
 def fuzz(examples=BUDGET):
-    return settings(max_examples=examples, derandomize=True, database=None, deadline=None,
+    return settings(max_examples=examples, derandomize=not LONG_RUN, database=None, deadline=None,
                     suppress_health_check=list(HealthCheck))
 
 
