@@ -34,6 +34,13 @@ class ExportError(EdgesdError):
     """Exporting failed (for example verification against torch exceeded its tolerance)."""
 
 
+class OutputError(EdgesdError, OSError):
+    """An output file or folder cannot be written (no such folder, not writable, disk full)."""
+
+    def __str__(self):  # OSError would otherwise format (errno, strerror)
+        return str(self.args[0]) if self.args else ""
+
+
 class ProviderError(EdgesdError):
     """The requested ONNX Runtime execution provider is not available."""
 

@@ -37,17 +37,32 @@ def safetensors_shapes(path: Path) -> dict:
             if n > size - 8 or n > 100 * 2**20:
                 raise ValueError("header length runs past the end of the file (truncated?)")
             header = json.loads(f.read(n))
-        shapes = {}
-        for key, info in header.items():
-            if key == "__metadata__":
-                continue
-            start, end = info["data_offsets"]
-            if end > size - 8 - n:
-                raise ValueError(f"tensor {key!r} runs past the end of the file (truncated?)")
-            shapes[key] = tuple(info["shape"])
-        return shapes
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        return {key: _tensor_shape(key, info, size - 8 - n) for key, info in header.items() if key != "__metadata__"}
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
+
+
+# safetensors dtype names -> bytes per element
+SAFETENSORS_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
+                      "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def _tensor_shape(key: str, info: dict, data_size: int) -> tuple:
+    """A header entry's shape, after checking its dtype and that its bytes lie inside the file."""
+    import math
+
+    shape, dtype, (start, end) = info["shape"], info["dtype"], info["data_offsets"]
+    if dtype not in SAFETENSORS_DTYPES:
+        raise ValueError(f"tensor {key!r} has unknown dtype {dtype!r}")
+    if not all(isinstance(d, int) and d >= 0 for d in shape) or not 0 <= start <= end:
+        raise ValueError(f"tensor {key!r} has an invalid shape or offsets")
+    if end > data_size:
+        raise ValueError(f"tensor {key!r} runs past the end of the file (truncated?)")
+    if end - start != math.prod(shape) * SAFETENSORS_DTYPES[dtype]:
+        raise ValueError(f"tensor {key!r}: {end - start} bytes for shape {list(shape)} of {dtype}")
+    return tuple(shape)
 
 
 def load_state_dict(path: str | Path) -> dict:

@@ -13,7 +13,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from edgesd.errors import InvalidArgumentError
+from edgesd.errors import EdgesdError, InvalidArgumentError, OutputError
 from edgesd.models.families import EXPORTED_CONFIG_FILES
 from edgesd.models.manifest import FORMAT_VERSION, sha256_file, write_manifest
 
@@ -42,7 +42,10 @@ def export(source, out, *, config=None, prediction=None, overwrite: bool = False
     if out.exists() and not out.is_dir():
         raise InvalidArgumentError(f"{out} exists and is not a folder")
     parent = out.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{parent}: cannot create the output's folder ({e.strerror or e})") from None
     if not os.access(parent, os.W_OK):
         raise InvalidArgumentError(f"{parent}: the output folder's parent is not writable")
     remove_stale_temporaries(parent, out.name)
@@ -52,17 +55,29 @@ def export(source, out, *, config=None, prediction=None, overwrite: bool = False
         manifest = build_folder(source, tmp, config=config, prediction=prediction, verify=verify, progress=progress,
                                 loras=loras, hypernetworks=hypernetworks, lenient=lenient, quantize=quantize)
         replace_folder(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and not isinstance(e, EdgesdError):  # disk full, permissions, a file gone
+            raise OutputError(f"{out}: export failed: {e.strerror or e}"
+                              + (f" ({e.filename})" if e.filename else "")) from None
         raise
     return manifest
 
 
 def remove_stale_temporaries(parent: Path, name: str) -> None:
-    """Delete temp folders of earlier exports to `name` whose process is gone."""
-    for path in parent.glob(f".{name}{TMP_MARK}*"):
-        pid = path.name[len(f".{name}{TMP_MARK}"):].split("-")[0]
-        if not (pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid()):
+    """Delete temp folders of earlier exports to `name` whose process is gone.
+
+    A previous output moved aside by a run killed before its replacement was renamed in (only
+    where the OS cannot swap folders atomically) is put back instead, as `name` again.
+    """
+    prefix = f".{name}{TMP_MARK}"
+    for path in sorted(parent.glob(f"{prefix}*")):
+        pid = path.name[len(prefix):].split("-")[0]
+        if pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid():
+            continue
+        if "-old-" in path.name and not (parent / name).exists():
+            path.rename(parent / name)
+        else:
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -77,14 +92,33 @@ def _alive(pid: int) -> bool:
 
 
 def replace_folder(new: Path, out: Path) -> None:
-    """Move `new` to `out`; an existing `out` is moved aside first and deleted after."""
-    if out.exists():
+    """Move `new` to `out`, so that `out` is at every moment the old folder or the new one.
+
+    Linux swaps the two in one step (renameat2 RENAME_EXCHANGE); elsewhere the old folder is
+    renamed aside first, and a run killed between the two renames has it restored by the next
+    export (remove_stale_temporaries).
+    """
+    if not out.exists():
+        new.rename(out)
+    elif exchange_paths(new, out):
+        shutil.rmtree(new, ignore_errors=True)  # `new` now holds the old folder
+    else:
         old = out.parent / f".{out.name}{TMP_MARK}{os.getpid()}-old-{uuid.uuid4().hex[:8]}"
         out.rename(old)
         new.rename(out)
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        new.rename(out)
+
+
+def exchange_paths(a: Path, b: Path) -> bool:
+    """Atomically swap two paths where the OS and filesystem can (Linux >= 3.15); False elsewhere."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError, TypeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def build_folder(source, folder: Path, *, config=None, prediction=None, verify=True, progress=True,

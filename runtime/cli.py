@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from edgesd.errors import EdgesdError, InvalidArgumentError, MissingDependencyError
+from edgesd.errors import EdgesdError, InvalidArgumentError, MissingDependencyError, OutputError
 
 EXPORT_EXTRA = "pip install 'edgesd[export]'"
 
@@ -151,8 +151,8 @@ def cmd_generate(args):
     out = Path(args.output)
     if out.suffix.lower() != ".png":
         raise InvalidArgumentError(f"{out}: output must be a .png file")
-    if not out.parent.exists():
-        raise InvalidArgumentError(f"{out.parent}: output folder does not exist")
+    if not out.parent.is_dir():
+        raise OutputError(f"{out.parent}: output folder does not exist")
     kwargs = generation_kwargs(args)
     pipe = Pipeline.from_pretrained(args.model, provider=args.provider, low_memory=args.low_memory)
     for spec in args.embedding or ():
@@ -238,10 +238,17 @@ def cmd_samplers(args):
         print(f"  {name:18s} {text}")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (the problem and the valid choices), exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from edgesd import __version__
 
-    parser = argparse.ArgumentParser(prog="edgesd", description="Stable Diffusion on ONNX Runtime.")
+    parser = OneLineParser(prog="edgesd", description="Stable Diffusion on ONNX Runtime.")
     parser.add_argument("--version", action="version", version=f"edgesd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -22,23 +21,19 @@ def to_pil(images: np.ndarray) -> list:
 
 
 def save_png(image, path: str | Path, infotext: str | None = None) -> Path:
-    """Write a PNG with A1111's `parameters` text chunk, atomically (temp file + rename)."""
+    """Write a PNG with A1111's `parameters` text chunk, atomically (runtime/atomic.py)."""
+    import io
+
     from PIL import PngImagePlugin
+
+    from edgesd.runtime.atomic import write_atomic
 
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise InvalidArgumentError(f"{path}: output must be a .png file")
-    if path.parent and not path.parent.exists():
-        raise InvalidArgumentError(f"{path.parent}: output folder does not exist")
     info = PngImagePlugin.PngInfo()
     if infotext is not None:
         info.add_text("parameters", infotext)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        image.save(tmp, format="PNG", pnginfo=info)
-        tmp.replace(path)
-    except OSError as e:
-        raise InvalidArgumentError(f"{path}: cannot write the image ({e.strerror or e})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return write_atomic(path, buffer.getvalue(), "image")

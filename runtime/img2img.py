@@ -53,6 +53,8 @@ def as_pil(image, mode: str, name: str):
             arr = arr[..., 0]
         if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
             raise InvalidArgumentError(f"{name} must be HxWx3 (or HxW for a mask), got shape {image.shape}")
+        if arr.dtype != np.uint8 and not np.isfinite(arr).all():
+            raise InvalidArgumentError(f"{name} holds NaN or infinite values")
         if arr.dtype != np.uint8:
             arr = np.round(np.clip(arr.astype(np.float32), 0, 1) * 255).astype(np.uint8)
         return Image.fromarray(arr).convert(mode)

@@ -14,6 +14,7 @@ type. Values stay strings; `call_arguments` turns them into Pipeline arguments.
 from __future__ import annotations
 
 import json
+import math
 import re
 
 from edgesd.errors import EdgesdError, InvalidArgumentError
@@ -109,9 +110,11 @@ def _number(params: dict, key: str, kind=float):
         if kind is int and re.fullmatch(r"-?\d+", text):
             return int(text)  # exact, even for 64-bit seeds
         value = float(text)
+        if not math.isfinite(value):
+            raise ValueError(text)
         return int(value) if kind is int and value.is_integer() else kind(value)
     except ValueError:
-        raise InvalidArgumentError(f"infotext field {key!r} must be a number, got {text!r}") from None
+        raise InvalidArgumentError(f"infotext field {key!r} must be a finite number, got {text!r}") from None
 
 
 # infotext field -> (Pipeline argument, converter)

@@ -16,8 +16,20 @@ from edgesd.errors import ModelFolderError
 from edgesd.models.contract import ONNX_TYPE_NAMES
 from edgesd.models.families import EXPORTED_CONFIG_FILES, family_of_configs, get_family, load_configs, sample_size
 from edgesd.models.manifest import read_manifest
+from edgesd.runtime.integrity import verify_folder
 
 REQUIRED_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+REQUIRED_CONFIG_FIELDS = {"unet": ("sample_size",), "vae": ("block_out_channels",)}
+
+
+def check_config_fields(path: Path, configs: dict) -> None:
+    """The config fields the runtime reads must be there, so a damaged config is named, not a KeyError."""
+    for component, fields in REQUIRED_CONFIG_FIELDS.items():
+        config = configs[component]
+        missing = [f for f in fields if not isinstance(config, dict) or f not in config]
+        if missing:
+            rel = EXPORTED_CONFIG_FILES[component][0]
+            raise ModelFolderError(f"{path}: {rel} lacks {', '.join(map(repr, missing))} (not a valid config)")
 
 
 @dataclass
@@ -47,8 +59,10 @@ class ModelFolder:
         manifest = read_manifest(path)
         configs = load_configs(path, EXPORTED_CONFIG_FILES)
         missing = [c for c in ("unet", "vae", "text_encoder", "scheduler") if c not in configs]
-        family = get_family(manifest["family"]) if manifest else family_of_configs(configs)
-        missing += [e.name for e in family.text_encoders if e.name not in configs and e.name not in missing]
+        if not missing:
+            check_config_fields(path, configs)
+            family = get_family(manifest["family"]) if manifest else family_of_configs(configs)
+            missing = [e.name for e in family.text_encoders if e.name not in configs]
         if missing:
             raise ModelFolderError(f"{path}: not an exported model folder (missing configs: {', '.join(missing)})")
         specs = {s.name: s for s in family.components(configs)}
@@ -56,10 +70,7 @@ class ModelFolder:
             if not (path / specs[name].path).is_file():
                 raise ModelFolderError(f"{path}: missing {specs[name].path}")
         if manifest:
-            for name, entry in manifest["components"].items():
-                data = entry.get("external_data")
-                if data and not (path / data).is_file():
-                    raise ModelFolderError(f"{path}: missing external data {data} of {name}")
+            verify_folder(path, manifest)
         scheduler = configs["scheduler"]
         return cls(
             path=path,

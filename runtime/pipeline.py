@@ -245,10 +245,7 @@ class Pipeline:
         SDXL: `original_size`, `crops_coords_top_left` and `target_size` ((height, width) pairs in
         pixels; the sizes default to the image's) become the UNet's `time_ids`, as in diffusers.
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-        if not prompts or len(negatives) != len(prompts) or not all(isinstance(p, str) for p in prompts + negatives):
-            raise InvalidArgumentError("prompt must be a string or a non-empty list of strings, with one negative prompt each")
+        prompts, negatives = check_prompts(prompt, negative_prompt)
         strength = self.check_img2img(init_image, strength, mask_image, inpainting_fill)
         if init_image is not None and (height is None or width is None):
             width, height = img2img.default_size(init_image)
@@ -257,9 +254,7 @@ class Pipeline:
         check_size(height, width)
         steps = check_int("num_inference_steps", num_inference_steps, 1, MAX_STEPS)
         per_prompt = check_int("num_images_per_prompt", num_images_per_prompt, 1, 64)
-        guidance_scale = float(guidance_scale)
-        if not math.isfinite(guidance_scale):
-            raise InvalidArgumentError(f"guidance_scale must be a finite number, got {guidance_scale}")
+        guidance_scale = check_finite("guidance_scale", guidance_scale)
         if output_type not in OUTPUT_TYPES:
             raise unknown_name("output_type", output_type, OUTPUT_TYPES)
         sampler = schedulers.resolve_sampler(sampler)
@@ -286,6 +281,8 @@ class Pipeline:
         latents = initial if latents is None else np.asarray(latents, dtype=np.float32)
         if latents.shape != shape:
             raise InvalidArgumentError(f"latents must have shape {shape} for this size and batch, got {latents.shape}")
+        if not np.isfinite(latents).all():
+            raise InvalidArgumentError("latents hold NaN or infinite values")
         # ancestral noise continues each image's stream (or its seed + ENSD stream)
         step_noise = noise.next if schedulers.noise_kind(sampler) == "gaussian" else None
 
@@ -460,6 +457,31 @@ def prompt_params(texts: list, clip_skip: int, emphasis: str) -> dict:
 
 def _num(x: float):
     return int(x) if float(x).is_integer() else x
+
+
+def check_prompts(prompt, negative_prompt) -> tuple:
+    """(prompts, negatives) as equal-length lists of strings, or a one-line error."""
+    def as_list(value):
+        return [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else None
+
+    prompts, negatives = as_list(prompt), as_list(negative_prompt)
+    if prompts is not None and isinstance(negative_prompt, str):
+        negatives = negatives * len(prompts)
+    if (not prompts or negatives is None or len(negatives) != len(prompts)
+            or not all(isinstance(p, str) for p in prompts + negatives)):
+        raise InvalidArgumentError("prompt must be a string or a non-empty list of strings, with one negative "
+                                   f"prompt each; got {type(prompt).__name__}")
+    return prompts, negatives
+
+
+def check_finite(name: str, value) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number):
+        raise InvalidArgumentError(f"{name} must be a finite number, got {value!r}")
+    return number
 
 
 def check_int(name: str, value, low: int, high: int) -> int:

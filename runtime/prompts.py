@@ -26,6 +26,10 @@ BREAK = "BREAK"
 BREAK_WEIGHT = -1.0
 COMMA_BACKTRACK = 20  # A1111's comma_padding_backtrack default
 COMMA_TOKEN = ",</w>"
+# Far beyond real prompts (A1111's rarely pass 5 chunks); bounds the UNet context (77 per chunk)
+# and the time spent tokenizing, so a pasted book is refused instead of exhausting memory.
+MAX_CHUNKS = 32
+MAX_PROMPT_CHARS = 64 * 1024
 EMPHASES = {
     "Original": "weights scale the token vectors, then the chunk's mean is restored (A1111's default)",
     "No norm": "weights scale the token vectors, without restoring the mean",
@@ -216,6 +220,8 @@ def tokenize_prompt(prompt: str, tokenizer, *, emphasis: str = "Original", backt
     `embeddings`: {name: (token ids of the name, vector count)}; where a name's token ids occur
     (the longest match first, as A1111), its vectors take `vector count` positions."""
     check_emphasis(emphasis)
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise InvalidArgumentError(f"prompt is too long: {len(prompt)} characters; at most {MAX_PROMPT_CHARS}")
     parsed = [(prompt, 1.0)] if emphasis == "None" else parse_prompt_attention(prompt)
     writer = _ChunkWriter(tokenizer, backtrack)
     lookup = sorted(((n, e) for n, e in (embeddings or {}).items() if e[0]), key=lambda item: -len(item[1][0]))
@@ -229,7 +235,11 @@ def tokenize_prompt(prompt: str, tokenizer, *, emphasis: str = "Original", backt
                           if tuple(ids[position:position + len(ids_count[0])]) == tuple(ids_count[0])), None)
             writer.add(ids[position], part[1], None if match is None else (match[0], match[1][1]))
             position += 1 if match is None else len(match[1][0])
-    return writer.finish()
+    chunks = writer.finish()
+    if len(chunks) > MAX_CHUNKS:
+        raise InvalidArgumentError(f"prompt is too long: {len(chunks)} chunks of 75 tokens; at most {MAX_CHUNKS} "
+                                   f"({MAX_CHUNKS * 75} tokens)")
+    return chunks
 
 
 def empty_chunk(tokenizer) -> PromptChunk:
@@ -282,7 +292,10 @@ def _ids(rows: list) -> np.ndarray:
 
 
 def _weights(rows: list) -> np.ndarray:
-    return np.array([c.weights for c in rows], dtype=np.float32)
+    weights = np.array([c.weights for c in rows], dtype=np.float32)
+    if not np.isfinite(weights).all():
+        raise InvalidArgumentError("attention weight must be finite: a (text:weight) in the prompt overflows")
+    return weights
 
 
 def encode_prompts(prompts: list, tokenizer, encode_chunks, *, emphasis: str = "Original",

@@ -26,8 +26,8 @@ class ClipTokenizer:
         special = _read_json(folder / "special_tokens_map.json", {})
         self._tokenizer = _load(folder)
         vocab = self._tokenizer.get_vocab()
-        self.bos_id = vocab[_token(special.get("bos_token", config.get("bos_token", "<|startoftext|>")))]
-        self.eos_id = vocab[_token(special.get("eos_token", config.get("eos_token", "<|endoftext|>")))]
+        self.bos_id = _token_id(vocab, special.get("bos_token", config.get("bos_token", "<|startoftext|>")), folder)
+        self.eos_id = _token_id(vocab, special.get("eos_token", config.get("eos_token", "<|endoftext|>")), folder)
         pad = _token(special.get("pad_token", config.get("pad_token", "<|endoftext|>")))
         self.pad_id = vocab.get(pad, self.eos_id)
         self.max_length = int(config.get("model_max_length", 77))
@@ -51,6 +51,13 @@ class ClipTokenizer:
         body = list(ids)[: length - 2]
         out = [self.bos_id, *body, self.eos_id]
         return out + [self.pad_id] * (length - len(out))
+
+
+def _token_id(vocab: dict, value, folder: Path) -> int:
+    token = _token(value)
+    if not isinstance(token, str) or token not in vocab:
+        raise ModelFolderError(f"{folder}: special token {token!r} is not in the vocabulary")
+    return vocab[token]
 
 
 def _token(value) -> str:

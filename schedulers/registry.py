@@ -245,6 +245,18 @@ def sigmas_for(sampler, schedule, steps, sigma_table, **schedule_options):
     return get_sigmas(name, steps, table, **schedule_options)
 
 
+def _check_number_option(key: str, value, default) -> None:
+    """A numeric option must be a number: finite, or infinite where its default is (s_tmax)."""
+    if isinstance(default, bool) or not isinstance(default, (int, float)):
+        return
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if np.isnan(number) or (np.isinf(number) and np.isfinite(default)) or isinstance(value, bool):
+        raise InvalidArgumentError(f"{key} must be a finite number, got {value!r}")
+
+
 def sample(sampler, denoise, x, sigmas, *, seed=None, noise=None, callback=None, **options):
     """Run `sampler` from latent `x` (already at noise level sigmas[0]) down the `sigmas`.
 
@@ -260,6 +272,8 @@ def sample(sampler, denoise, x, sigmas, *, seed=None, noise=None, callback=None,
     if unknown:
         valid = ", ".join(spec.options) or "none"
         raise InvalidArgumentError(f"sampler {name!r} has no option {', '.join(map(repr, unknown))}; valid: {valid}")
+    for key, value in options.items():
+        _check_number_option(key, value, spec.options[key])
     x = np.asarray(x)
     if not np.issubdtype(x.dtype, np.floating):
         x = x.astype(np.float32)

@@ -27,6 +27,20 @@ def _exporter_available() -> bool:
 requires_exporter = pytest.mark.skipif(not _exporter_available(), reason="needs the export extra")
 
 
+def record_graph(folder, component):
+    """After a test replaces a graph of an exported folder, record its hash in edgesd.json as an
+    export would (folders whose files differ from their manifest are refused at load)."""
+    import json
+
+    from edgesd.models.manifest import sha256_file
+
+    path = folder / "edgesd.json"
+    manifest = json.loads(path.read_text())
+    entry = manifest["components"][component]
+    entry["sha256"] = sha256_file(folder / entry["path"])
+    path.write_text(json.dumps(manifest, indent=2))
+
+
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("edgesd")

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from conftest import requires_exporter
+from conftest import record_graph, requires_exporter
 from edgesd.errors import InvalidArgumentError, ModelFolderError
 
 pytestmark = requires_exporter
@@ -127,6 +127,7 @@ def test_folder_without_the_output_runs_only_clip_skip_1(tiny_export, pipe, work
     graph = folder / "text_encoder" / "model.onnx"
     onnx.utils.extract_model(str(tiny_export / "text_encoder" / "model.onnx"), str(graph), ["input_ids"],
                              ["last_hidden_state", "pooler_output"])
+    record_graph(folder, "text_encoder")
     old = Pipeline.from_pretrained(folder, provider="cpu")
     a = old(PROMPT, num_inference_steps=2, latents=latents(), output_type="np").images
     b = pipe(PROMPT, num_inference_steps=2, latents=latents(), output_type="np").images

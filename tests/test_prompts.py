@@ -17,7 +17,7 @@ import re
 import numpy as np
 import pytest
 
-from conftest import requires_exporter
+from conftest import record_graph, requires_exporter
 from edgesd.errors import InvalidArgumentError, UnknownNameError
 from edgesd.runtime.prompts import apply_emphasis, encode_prompts, parse_prompt_attention, tokenize_prompt
 
@@ -297,6 +297,7 @@ def shifted(tiny_export, reference_pipeline, tmp_path_factory):
     configs = load_configs(folder, EXPORTED_CONFIG_FILES)
     spec = get_family("sd1").components(configs)[0]
     export_component(spec, SimpleNamespace(text_encoder=encoder), configs, folder)
+    record_graph(folder, "text_encoder")
     return Pipeline.from_pretrained(folder, provider="cpu"), encoder
 
 

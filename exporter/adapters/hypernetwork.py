@@ -69,8 +69,8 @@ def read_hypernetwork(path: str | Path, *, lenient: bool = False, warn=None) -> 
     obj = safe_torch_load(path, "hypernetwork")
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: not an A1111 hypernetwork (expected a dict, found {type(obj).__name__})")
-    widths = {k: v for k, v in obj.items() if isinstance(k, int)}
-    other = sorted(str(k) for k in obj if not isinstance(k, int) and k not in DESCRIPTION_KEYS)
+    widths = {k: v for k, v in obj.items() if isinstance(k, int) and not isinstance(k, bool)}
+    other = sorted(str(k) for k in obj if k not in widths and k not in DESCRIPTION_KEYS)
     if not widths:
         raise CheckpointError(f"{path}: not an A1111 hypernetwork (no integer context-width keys such as 768)")
     if other:
@@ -79,18 +79,7 @@ def read_hypernetwork(path: str | Path, *, lenient: bool = False, warn=None) -> 
             raise CheckpointError(message + " (pass --lenient to ignore them)")
         if warn is not None:
             warn(message + " (ignored: --lenient)")
-    layer_structure = [float(x) for x in (obj.get("layer_structure") or [1, 2, 1])]
-    if len(layer_structure) < 2 or layer_structure[0] != 1 or layer_structure[-1] != 1:
-        raise CheckpointError(f"{path}: layer_structure {layer_structure} must start and end with 1")
-    dropout = obj.get("dropout_structure")
-    if dropout is None:
-        dropout = dropout_structure_of(layer_structure, bool(obj.get("use_dropout", False)),
-                                       bool(obj.get("last_layer_dropout", False)))
-    if len(dropout) != len(layer_structure):
-        raise CheckpointError(f"{path}: dropout_structure {list(dropout)} does not match layer_structure {layer_structure}")
-    activation = obj.get("activation_func")
-    if activation is not None and activation not in activations():
-        raise CheckpointError(f"{path}: unsupported activation function {activation!r}")
+    layer_structure, dropout, activation = _structure(obj, path)
     pairs = {}
     for width, pair in widths.items():
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(p, dict) for p in pair)):
@@ -106,8 +95,38 @@ def read_hypernetwork(path: str | Path, *, lenient: bool = False, warn=None) -> 
             fixed.append(sd)
         pairs[width] = tuple(fixed)
     return HypernetworkSpec(str(obj.get("name") or path.stem), layer_structure, activation,
-                            bool(obj.get("is_layer_norm", False)), bool(obj.get("activate_output", True)),
-                            [float(x) for x in dropout], pairs)
+                            _flag(obj, "is_layer_norm", False, path), _flag(obj, "activate_output", True, path),
+                            dropout, pairs)
+
+
+def _flag(obj: dict, key: str, default: bool, path: Path) -> bool:
+    value = obj.get(key, default)
+    if value is not None and not isinstance(value, (bool, int)):
+        raise CheckpointError(f"{path}: {key} must be true or false, got {type(value).__name__}")
+    return bool(value)
+
+
+def _structure(obj: dict, path: Path) -> tuple:
+    """(layer_structure, dropout_structure, activation) of a hypernetwork file, each checked."""
+    try:
+        layer_structure = [float(x) for x in (obj.get("layer_structure") or [1, 2, 1])]
+        dropout = obj.get("dropout_structure")
+        if dropout is None:
+            dropout = dropout_structure_of(layer_structure, _flag(obj, "use_dropout", False, path),
+                                           _flag(obj, "last_layer_dropout", False, path))
+        dropout = [float(x) for x in dropout]
+    except (TypeError, ValueError, RuntimeError):
+        raise CheckpointError(f"{path}: layer_structure and dropout_structure must be lists of numbers") from None
+    if len(layer_structure) < 2 or layer_structure[0] != 1 or layer_structure[-1] != 1:
+        raise CheckpointError(f"{path}: layer_structure {layer_structure} must start and end with 1")
+    if not all(0 < x <= 64 for x in layer_structure):
+        raise CheckpointError(f"{path}: layer_structure {layer_structure} must hold sizes in (0, 64]")
+    if len(dropout) != len(layer_structure):
+        raise CheckpointError(f"{path}: dropout_structure {dropout} does not match layer_structure {layer_structure}")
+    activation = obj.get("activation_func")
+    if activation is not None and (not isinstance(activation, str) or activation not in activations()):
+        raise CheckpointError(f"{path}: unsupported activation function {activation!r}")
+    return layer_structure, dropout, activation
 
 
 def empty_module(spec: HypernetworkSpec, width: int, strength: float = 1.0):

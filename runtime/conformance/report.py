@@ -105,11 +105,7 @@ def check_writable(path) -> None:
 
 
 def _write(path, text: str) -> Path:
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise InvalidArgumentError(f"{path.parent}: output folder does not exist")
-    try:
-        path.write_text(text, encoding="utf-8")
-    except OSError as e:
-        raise InvalidArgumentError(f"{path}: cannot write ({e.strerror or e})") from None
-    return path
+    """Reports are complete or absent (runtime/atomic.py)."""
+    from edgesd.runtime.atomic import write_atomic
+
+    return write_atomic(path, text.encode("utf-8"), "report")
