@@ -14,7 +14,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import requires_exporter
+from conftest import TINY_CONFIG, requires_exporter
 from test_parity import CFG, NEGATIVE, PROMPT, STEPS, TOL, diffusers_scheduler, fixed_latents
 
 pytestmark = requires_exporter
@@ -60,10 +60,10 @@ def test_optimum_export_runs_in_edgesd_with_edgesd_export_images(optimum_export,
     assert np.abs(generate(pipe, "a blue square") - expected).max() > 10 * TOL  # the prompt matters at TOL
 
 
-def test_optimum_export_passes_check_with_manifest_checks_not_applicable(optimum_export):
+def test_optimum_export_passes_check_with_manifest_checks_not_applicable(optimum_export, tiny_checkpoint):
     from edgesd.runtime.conformance import run_checks
 
-    report = run_checks(optimum_export, provider="cpu")
+    report = run_checks(optimum_export, provider="cpu", against=tiny_checkpoint, config=TINY_CONFIG)
     status = {r.id: r.status for r in report.results}
     assert report.passed, {r.id: r.message for r in report.results if not r.ok}
     not_applicable = {r.id: r.message for r in report.results if r.status == "skipped"}
@@ -75,7 +75,7 @@ def test_optimum_export_passes_check_with_manifest_checks_not_applicable(optimum
     for component in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
         assert {f"contract.io[{component}]", f"contract.shapes[{component}]",
                 f"structure.onnx_checker[{component}]"} <= set(applied)
-    assert "e2e.determinism" in applied
+    assert {"e2e.determinism", "against.pipeline", "against.outputs[unet]"} <= set(applied)
 
 
 def test_edgesd_export_runs_in_optimum_with_edgesd_images(tiny_export, edgesd_runtime):
