@@ -213,7 +213,21 @@ def write_configs(folder: Path, configs: dict, loaded) -> None:
     dump("model_index.json", index)
     for component, rels in EXPORTED_CONFIG_FILES.items():
         for rel in rels if component in configs else ():
-            dump(rel, configs[component])
+            dump(rel, complete_config(configs[component], getattr(loaded, component, None)))
+
+
+def complete_config(config: dict, module) -> dict:
+    """The torch module's whole config, every default spelled out as diffusers and transformers
+    save it: optimum reads fields that a short source config leaves implicit (the UNet's
+    `time_cond_proj_dim`). Without a module (the scheduler) the config is kept as it is."""
+    if module is None:
+        return config
+    if hasattr(module, "to_json_string"):  # diffusers models
+        full = json.loads(module.to_json_string())
+    else:  # transformers models
+        full = module.config.to_dict()
+    full.pop("_name_or_path", None)  # a path on the exporting machine
+    return {**config, **full}
 
 
 def _warn(message: str) -> None:

@@ -34,12 +34,17 @@ class TensorSpec:
     dtype: str
     shape: tuple
     default: int | float | None = None
+    also_accepted: tuple = ()  # dtypes other exporters use here; consumers cast feeds to the graph's dtype
 
     def resolved_dtype(self, precision: str) -> str:
         """The numpy dtype name for a component exported at `precision` ("fp32"/"fp16")."""
         if self.dtype == FLOAT:
             return "float16" if precision == "fp16" else "float32"
         return self.dtype
+
+    def accepts(self, dtype: str, precision: str) -> bool:
+        """Whether a graph of `precision` may declare this tensor as `dtype` (numpy name)."""
+        return dtype == self.resolved_dtype(precision) or dtype in self.also_accepted
 
     @property
     def dynamic_axes(self) -> dict:
@@ -136,7 +141,7 @@ def text_encoder_spec(hidden_size: int, name: str = "text_encoder", *, clip_skip
     return TextEncoderSpec(
         name,
         inputs=(
-            TensorSpec("input_ids", "int32", ("batch", "sequence")),
+            TensorSpec("input_ids", "int32", ("batch", "sequence"), also_accepted=("int64",)),  # optimum: int64
             TensorSpec("clip_skip", "int64", (), default=clip_skip),
             TensorSpec("embedding_override", FLOAT, ("batch", "sequence", hidden_size), default=0.0),
             TensorSpec("embedding_mask", FLOAT, ("batch", "sequence", 1), default=0.0),

@@ -19,6 +19,7 @@ def cache_dir() -> Path:
 def need_exporter():
     """Import the torch side, or say which extra provides it."""
     try:
+        import edgesd.exporter  # noqa: F401  (first: it quiets a diffusers import notice)
         import diffusers  # noqa: F401
         import onnx  # noqa: F401
         import torch  # noqa: F401

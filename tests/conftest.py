@@ -83,3 +83,17 @@ def reference_pipeline(tiny_checkpoint, reference_config):
         safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture(scope="session")
+def diffusers_folder(reference_pipeline, workdir):
+    """The tiny checkpoint saved by diffusers as a diffusers folder (an export source for edgesd and optimum)."""
+    folder = workdir / "tiny-diffusers"
+    if not folder.exists():
+        from diffusers import PNDMScheduler
+
+        # with the model's own scheduler, not whichever one an earlier test left on the pipeline
+        scheduler = PNDMScheduler.from_pretrained(TINY_CONFIG / "scheduler")
+        type(reference_pipeline)(**dict(reference_pipeline.components, scheduler=scheduler)).save_pretrained(
+            folder, safe_serialization=True)
+    return folder

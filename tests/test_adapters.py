@@ -156,6 +156,17 @@ def test_fused_weights_follow_the_published_formulas(model, base, files, kind):
         assert {"lokr_w1", "lokr_w1_a", "lokr_w2", "lokr_w2_a", "lokr_t2"} <= {k.split(".")[1] for k in sd}
 
 
+def has_text_model_level(model) -> bool:
+    """Whether the installed transformers nests CLIP's modules under `text_model.` (4.x does, 5.x does
+    not): diffusers' own loader, the reference here, expects PEFT keys in the installed layout."""
+    return hasattr(model.text_encoder, "text_model")
+
+
+def module_at(modules: dict, path: str):
+    """A module by path; CLIP text paths are given below `text_model.` (a level transformers 4 has, 5 drops)."""
+    return modules[path] if path in modules else modules[f"text_model.{path}"]
+
+
 @pytest.mark.parametrize("kind", ["peft", "peft-alpha-keys"])
 def test_peft_fusion_follows_lora_alpha_over_rank(model, base, files, kind):
     from edgesd.exporter.adapters import apply_adapters
@@ -177,7 +188,7 @@ def test_peft_fusion_follows_lora_alpha_over_rank(model, base, files, kind):
         alpha = float(sd[f"{prefix}.{path}.alpha"]) if f"{prefix}.{path}.alpha" in sd else meta[f"{prefix}.lora_alpha"]
         mult = 0.5 if prefix == "unet" else 2.0
         path = path.removeprefix("text_model.")
-        now, then = (unet[path], unet0[path]) if prefix == "unet" else (text[path], text0[path])
+        now, then = (module_at(m, path) for m in ((unet, unet0) if prefix == "unet" else (text, text0)))
         want = (b.flatten(1) @ a.flatten(1)).reshape(now.weight.shape) * alpha / a.shape[0] * mult
         assert torch.allclose(now.weight - then.weight, want, atol=TOL_WEIGHTS, rtol=0), key
         n += 1
@@ -206,7 +217,7 @@ def test_exported_lora_image_matches_diffusers_load_lora_weights(tiny_checkpoint
     # diffusers folds attention alphas into one value per adapter, so the parity files use one
     # rank and one alpha per file (varying ranks and alphas are covered by the formula tests)
     kohya = synth.write_kohya_lora(base, d / "kohya.safetensors", seed=11, alphas="present", vary_rank=False)
-    peft = synth.write_peft_lora(base, d / "peft.safetensors", seed=12, conv=True, text_model_prefix=False)
+    peft = synth.write_peft_lora(base, d / "peft.safetensors", seed=12, conv=True, text_model_prefix=has_text_model_level(base))
     out = d / "model"
     manifest = export(tiny_checkpoint, out, config=TINY_CONFIG, progress=False,
                       loras=[f"{kohya}:0.7:0.4", f"{peft}:0.6:0.9"])
@@ -420,7 +431,7 @@ def test_old_diffusers_layout_fuses_like_diffusers(tiny_checkpoint, reference_co
 
     from edgesd.exporter.adapters import apply_adapters, synth
 
-    peft = synth.write_peft_lora(base, tmp_path / "peft.safetensors", seed=21, conv=True, text_model_prefix=False)
+    peft = synth.write_peft_lora(base, tmp_path / "peft.safetensors", seed=21, conv=True, text_model_prefix=has_text_model_level(base))
     old = {_old_diffusers_key(k): v for k, v in load_file(str(peft)).items()}
     assert any(".processor.to_q_lora.down.weight" in k for k in old) and any(".lora_linear_layer." in k for k in old)
     save_file(old, str(tmp_path / "old.safetensors"))

@@ -86,14 +86,6 @@ def test_batch_rows_match_single_runs(runtime):
 
 
 @pytest.fixture(scope="module")
-def diffusers_folder(reference_pipeline, workdir):
-    folder = workdir / "tiny-diffusers"
-    if not folder.exists():
-        reference_pipeline.save_pretrained(folder, safe_serialization=True)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def ckpt_file(tiny_checkpoint, workdir):
     import torch
     from safetensors.torch import load_file

@@ -232,11 +232,10 @@ def write_peft_lora(model, out, *, rank: int = 4, seed: int = 0, unet_alpha: flo
             state[f"{prefix}.{path}.alpha"] = torch.tensor(unet_alpha if prefix == "unet" else text_alpha)
     metadata = None
     if not alpha_keys:
-        config = {"unet.r": rank, "unet.lora_alpha": unet_alpha,
-                  "unet.target_modules": sorted({p for pre, p, _ in targets if pre == "unet"})}
-        if text:
-            config.update({"text_encoder.r": rank, "text_encoder.lora_alpha": text_alpha,
-                           "text_encoder.target_modules": sorted({p for pre, p, _ in targets if pre != "unet"})})
+        components = (("unet", unet_alpha), ("text_encoder", text_alpha))[:2 if text else 1]
+        config = {f"{c}.{k}": v for c, alpha in components for k, v in (
+            ("r", rank), ("lora_alpha", alpha), ("rank_pattern", {}), ("alpha_pattern", {}),  # as LoraConfig saves them
+            ("target_modules", sorted({p for pre, p, _ in targets if pre == c})))}
         metadata = {"lora_adapter_metadata": json.dumps(config, indent=2, sort_keys=True)}
     return _save(state, Path(out), metadata)
 

@@ -55,6 +55,11 @@ class CheckSkipped(Exception):
         self.message = message
 
 
+def needs_manifest(what: str) -> CheckSkipped:
+    """The skip of a check that only a folder with edgesd.json can pass (an optimum export has none)."""
+    return CheckSkipped(f"not applicable: no {MANIFEST_FILE} (an optimum-style folder), so {what}")
+
+
 @dataclass
 class CheckResult:
     id: str
@@ -305,7 +310,7 @@ def check_manifest(ctx: Context):
         raise CheckFailed(ctx.manifest_problem)
     m = ctx.raw_manifest
     if m is None:
-        raise CheckSkipped(f"no {MANIFEST_FILE} (an optimum-style folder): facts are inferred from the configs")
+        raise needs_manifest("no schema to check; facts are inferred from the configs")
     try:
         validate(m)
     except ModelFolderError as e:
@@ -406,7 +411,7 @@ def check_external_data(ctx: Context, component: str):
 
 def check_sha256(ctx: Context, component: str):
     if ctx.raw_manifest is None:
-        raise CheckSkipped(f"no {MANIFEST_FILE}: no recorded hash to compare")
+        raise needs_manifest("no recorded hash to compare")
     recorded = ctx.entry(component).get("sha256")
     if not recorded:
         raise CheckFailed(f"{MANIFEST_FILE} records no sha256 for {component}")
@@ -524,9 +529,9 @@ def check_io(ctx: Context, component: str):
 
 def _compare_tensor(kind: str, t, graph, precision: str) -> list:
     problems = []
-    want = t.resolved_dtype(precision)
     got = ONNX_TYPE_NAMES.get(graph.type, graph.type)
-    if got != want:
+    if not t.accepts(got, precision):
+        want = " or ".join((t.resolved_dtype(precision), *t.also_accepted))
         problems.append(f"{kind} {t.name!r} is {got}, the contract says {want}")
     shape = list(graph.shape or [])
     if len(shape) != len(t.shape):
@@ -585,7 +590,7 @@ def _sizes_text(sizes: dict, spec) -> str:
 def check_golden(ctx: Context, component: str):
     record = ctx.entry(component).get("golden")
     if ctx.raw_manifest is None:
-        raise CheckSkipped(f"no {MANIFEST_FILE}: no golden I/O recorded")
+        raise needs_manifest("no golden I/O recorded")
     if not record:
         raise CheckSkipped("the manifest records no golden I/O for this component (exported before golden I/O)")
     file = ctx.path / record["path"]
