@@ -27,9 +27,17 @@ def close(mask: np.ndarray, radius: int) -> np.ndarray:
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
-    """The mask plus every unset region that does not touch the image border (4-connected)."""
-    from PIL import Image, ImageDraw
-
-    canvas = Image.fromarray(np.pad(mask, 1).astype(np.uint8) * 255).copy()  # fromarray shares a read-only buffer
-    ImageDraw.floodfill(canvas, (0, 0), 128)
-    return (np.asarray(canvas) != 128)[1:-1, 1:-1]
+    """The mask plus every unset region not 4-connected to the image border."""
+    free = np.pad(~mask, 1, constant_values=True)
+    outside = np.zeros_like(free)
+    outside[0, :] = outside[-1, :] = outside[:, 0] = outside[:, -1] = True
+    while True:
+        grown = outside.copy()
+        grown[1:, :] |= outside[:-1, :]
+        grown[:-1, :] |= outside[1:, :]
+        grown[:, 1:] |= outside[:, :-1]
+        grown[:, :-1] |= outside[:, 1:]
+        grown &= free
+        if np.array_equal(grown, outside):
+            return ~outside[1:-1, 1:-1]
+        outside = grown
