@@ -166,28 +166,38 @@ def cmd_generate(args):
         print(f"wrote {path} (seed {result.seeds[i]})")
 
 
+DEMO_PROMPTS = ("a red circle on a black background", "a yellow triangle on a gray background",
+                "a blue square on a white background", "a green cross on a black background",
+                "a purple circle on a white background", "a white triangle on a black background")
+DEMO_VARIANTS = ("base", "lora")  # the toy model as trained, and with its stripes LoRA at 1.0
+
+
 def cmd_demo(args):
+    """Export the trained toy model (plain and with its LoRA) once into the cache, draw the
+    prompts with both, write one contact sheet (a row per variant)."""
     need_exporter()
-    from edgesd.exporter.export import export
-    from edgesd.exporter.synth import write_synthetic_checkpoint
-    from edgesd.models.manifest import read_manifest
+    import numpy as np
+
+    from edgesd.exporter.toy.folders import export_variant, is_current
     from edgesd.runtime.images import save_png
     from edgesd.runtime.pipeline import Pipeline
+    from edgesd.runtime.toy_eval import CFG, contact_sheet
 
     root = cache_dir() / "demo"
-    checkpoint, model = root / "sd1-tiny.safetensors", root / "sd1-tiny-onnx"
-    if read_manifest(model) is None if model.is_dir() else True:
+    if not all(is_current(root / v) for v in DEMO_VARIANTS):
         print(f"preparing the demo model in {root} (once)")
-        if not checkpoint.is_file():
-            write_synthetic_checkpoint("sd1", "tiny", checkpoint, seed=0)
-        from edgesd.models.families import get_family
-
-        export(checkpoint, model, config=get_family("sd1").config_dir("tiny"), overwrite=True, progress=True)
-    pipe = Pipeline.from_pretrained(model, provider=args.provider)
-    result = pipe(args.prompt, num_inference_steps=args.steps, seed=args.seed, sampler=args.sampler)
-    path = save_png(result.images[0], Path(args.output), result.infotext)
+    prompts = list(args.prompt or DEMO_PROMPTS)
+    rows, infotext = [], None
+    for variant in DEMO_VARIANTS:
+        pipe = Pipeline.from_pretrained(export_variant(root, variant, progress=True), provider=args.provider)
+        result = pipe(prompts, num_inference_steps=args.steps, guidance_scale=CFG, seed=args.seed,
+                      sampler=args.sampler, output_type="np")
+        rows.append(np.round(np.asarray(result.images) * 255).astype(np.uint8))
+        infotext = infotext or result.infotext
+    path = save_png(contact_sheet(np.concatenate(rows), columns=len(prompts), zoom=4), Path(args.output), infotext)
     print(f"wrote {path.resolve()}")
-    print(result.infotext)
+    print("columns: " + " | ".join(prompts))
+    print("rows: the toy model; the same with its stripes LoRA")
 
 
 def cmd_info(args):
@@ -332,11 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--provider", default="auto", help="auto, cpu, cuda or tensorrt")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("demo", help="build, export and run the embedded default model")
-    p.add_argument("--prompt", default="a red circle on a black background")
+    p = sub.add_parser("demo", help="export the embedded toy model (once) and draw a contact sheet")
+    p.add_argument("--prompt", action="append", help="a prompt to draw (repeatable; default: six built-in ones)")
     p.add_argument("-o", "--output", default="edgesd-demo.png", help="PNG to write")
     generation_options(p)
-    p.set_defaults(func=cmd_demo, seed=1)
+    p.set_defaults(func=cmd_demo, seed=1, sampler="Euler a")
 
     p = sub.add_parser("info", help="describe an exported model folder")
     p.add_argument("model")

@@ -130,18 +130,3 @@ def test_export_and_synth_commands(tmp_path, run_main):
     assert "relative error" in r.stdout and (tmp_path / "m" / "edgesd.json").is_file()
     assert_user_error(edgesd("export", ckpt, "-o", tmp_path / "m", "--config", TINY_CONFIG, "-q"), "--overwrite")
     assert_user_error(run_main("synth", "sd9", "-o", ckpt), "unknown model family")
-
-
-@requires_exporter
-def test_demo_prepares_once_then_reuses_the_cache(tmp_path, monkeypatch, run_main):
-    from PIL import Image
-
-    monkeypatch.setenv("EDGESD_CACHE", str(tmp_path / "cache"))
-    first = run_main("demo", "-o", tmp_path / "a.png", "--steps", 2)
-    assert first.returncode == 0, first.stderr
-    assert "preparing the demo model" in first.stdout
-    second = run_main("demo", "-o", tmp_path / "b.png", "--steps", 2)
-    assert second.returncode == 0 and "preparing" not in second.stdout
-    a, b = Image.open(tmp_path / "a.png"), Image.open(tmp_path / "b.png")
-    assert a.size == (64, 64) and "Seed: 1" in a.info["parameters"]
-    assert list(a.getdata()) == list(b.getdata())  # fixed default seed: the demo is reproducible

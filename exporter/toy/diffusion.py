@@ -1,0 +1,59 @@
+"""Stage 2: UNet + text encoder, epsilon prediction on the scaled_linear schedule.
+
+Captions are dropped (replaced by the empty prompt) 10% of the time so that classifier-free
+guidance has an unconditional model to push away from.
+"""
+
+from __future__ import annotations
+
+DROP_CAPTION = 0.1
+
+
+def caption_batch(ids, empty_ids, generator):
+    import torch
+
+    drop = torch.rand(ids.shape[0], generator=generator) < DROP_CAPTION
+    return torch.where(drop[:, None], empty_ids[None, :], ids)
+
+
+def train_diffusion(unet, text_encoder, latents, ids, empty_ids, *, steps: int, batch: int, lr: float,
+                    generator, log, ema_decay: float = 0.995) -> float:
+    """Train both modules jointly; the EMA weights are copied back at the end."""
+    import torch
+
+    from edgesd.exporter.toy.loop import Ema, optimise
+    from edgesd.exporter.toy.schedule import alphas_cumprod, epsilon_loss
+
+    table = alphas_cumprod()
+    emas = [Ema(unet, ema_decay), Ema(text_encoder, ema_decay)]
+
+    def loss(step):
+        idx = torch.randint(0, len(latents), (batch,), generator=generator)
+        context = text_encoder(caption_batch(ids[idx], empty_ids, generator))[0]
+        return epsilon_loss(unet, latents[idx], context, generator, table)
+
+    unet.train(), text_encoder.train()
+    params = [*unet.parameters(), *text_encoder.parameters()]
+    result = optimise(params, loss, steps=steps, lr=lr, log=log, name="unet+text",
+                      ema=lambda: [e() for e in emas])
+    for e in emas:
+        e.apply()
+    unet.eval(), text_encoder.eval()
+    return result
+
+
+def adapter_loss(unet, text_encoder, latents, ids, *, batch: int, generator):
+    """The same epsilon loss for adapter training (frozen base, captions kept)."""
+    import torch
+
+    from edgesd.exporter.toy.schedule import alphas_cumprod, epsilon_loss
+
+    table = alphas_cumprod()
+
+    def loss(step):
+        idx = torch.randint(0, len(latents), (batch,), generator=generator)
+        with torch.no_grad():
+            context = text_encoder(ids[idx])[0]
+        return epsilon_loss(unet, latents[idx], context, generator, table)
+
+    return loss
