@@ -114,7 +114,7 @@ def run_system(system: str, python: str, model: Path, args, size: int, extra=())
     runner = "edgesd" if system.startswith("edgesd") else system
     cmd = [python, str(HERE / "run_one.py"), runner, str(model), "--size", str(size), "--steps", str(args.steps),
            "--cfg", "7", "--threads", str(args.threads), *extra]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
