@@ -64,8 +64,21 @@ def runtime(tiny_export):
     return Pipeline.from_pretrained(tiny_export, provider="cpu")
 
 
+def with_integer_timesteps(pipe):
+    """diffusers' DPM-Solver with Karras sigmas feeds the UNet rounded (integer) timesteps, where
+    k-diffusion and A1111 feed the fractional t of each sigma; round ours too so that the
+    comparison isolates the solver (the rounding alone moves this image by about 2e-3)."""
+    real_run = pipe.unet.run
+    pipe.unet.run = lambda outputs=None, **feeds: real_run(outputs, **dict(feeds, timestep=np.round(feeds["timestep"])))
+    return pipe
+
+
 @pytest.mark.parametrize("sampler,schedule", CASES)
-def test_exported_single_file_matches_diffusers(runtime, reference_pipeline, sampler, schedule):
+def test_exported_single_file_matches_diffusers(runtime, reference_pipeline, tiny_export, sampler, schedule):
+    from edgesd import Pipeline
+
+    if sampler == "DPM++ 2M":
+        runtime = with_integer_timesteps(Pipeline.from_pretrained(tiny_export, provider="cpu"))
     latents = fixed_latents()
     expected = reference_images(reference_pipeline, sampler, latents)
     got = runtime(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=CFG,
