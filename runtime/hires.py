@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgesd.errors import InvalidArgumentError, unknown_name
+from edgesd.runtime.validation import check_fraction
 
 LATENT_MODES = {"Latent": "bilinear", "Latent (nearest)": "nearest", "Latent (nearest-exact)": "nearest-exact"}
 IMAGE_UPSCALERS = ("Lanczos", "Nearest")
@@ -29,13 +30,12 @@ class Hires:
 
 def check_hires(scale, upscaler, steps, strength, base_steps: int) -> Hires:
     try:
-        scale, strength = float(scale), float(strength)
+        scale = float(scale)
     except (TypeError, ValueError):
-        raise InvalidArgumentError("hr_scale and hr_denoising_strength must be numbers") from None
+        raise InvalidArgumentError(f"hr_scale must be a number, got {scale!r}") from None
     if not 1.0 <= scale <= 8.0:
         raise InvalidArgumentError(f"hr_scale must be between 1 and 8, got {scale}")
-    if not 0.0 <= strength <= 1.0:
-        raise InvalidArgumentError(f"hr_denoising_strength must be in [0, 1], got {strength}")
+    strength = check_fraction("hr_denoising_strength", strength)
     if upscaler not in UPSCALERS:
         raise unknown_name("hires upscaler", upscaler, UPSCALERS)
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 0 <= steps <= 1000:

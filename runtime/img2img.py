@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgesd.errors import InvalidArgumentError, unknown_name
+from edgesd.runtime.validation import check_fraction
 
 FILLS = ("original", "latent noise", "latent nothing")
 MAX_MASK_BLUR = 64
@@ -32,13 +33,7 @@ def start_index(steps: int, strength: float) -> int:
 
 
 def check_strength(strength) -> float:
-    try:
-        value = float(strength)
-    except (TypeError, ValueError):
-        raise InvalidArgumentError(f"strength must be a number in [0, 1], got {strength!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise InvalidArgumentError(f"strength must be in [0, 1], got {value}")
-    return value
+    return check_fraction("strength", strength)
 
 
 def as_pil(image, mode: str, name: str):

@@ -15,6 +15,7 @@ import numpy as np
 from edgesd import schedulers
 from edgesd.errors import InvalidArgumentError
 from edgesd.runtime.rng import SOURCES, make_generator, slerp
+from edgesd.runtime.validation import check_fraction
 
 U64 = 2**64
 RNG_LABELS = {"cpu": "CPU", "nv": "NV"}  # A1111's "Random number generator source" names
@@ -52,12 +53,7 @@ class ImageNoise:
 
 def check_variation(subseed_strength, ensd) -> tuple:
     """(strength, ensd) validated: strength a number in [0, 1], ENSD an integer."""
-    try:
-        strength = float(subseed_strength)
-    except (TypeError, ValueError):
-        raise InvalidArgumentError(f"subseed_strength must be a number in [0, 1], got {subseed_strength!r}") from None
-    if not 0.0 <= strength <= 1.0:
-        raise InvalidArgumentError(f"subseed_strength must be in [0, 1], got {strength}")
+    strength = check_fraction("subseed_strength", subseed_strength)
     if isinstance(ensd, bool) or not isinstance(ensd, (int, np.integer)):
         raise InvalidArgumentError(f"ensd must be an integer, got {ensd!r}")
     return strength, int(ensd)

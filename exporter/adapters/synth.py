@@ -136,6 +136,13 @@ def write_kohya_lora(model, out, *, rank: int = 4, seed: int = 0, conv: bool = T
     return _save(state, Path(out), {"ss_network_module": "networks.lora", "ss_network_dim": str(rank)})
 
 
+def _kohya_weights(model):
+    """(index, kohya module name, out_dim, in_dim, kernel) of each module a LyCORIS file targets."""
+    for i, (prefix, path, module) in enumerate(kohya_targets(model)):
+        out_dim, in_dim, *kernel = module.weight.shape
+        yield i, kohya_name(prefix, path), out_dim, in_dim, tuple(kernel)
+
+
 def write_loha(model, out, *, rank: int = 4, seed: int = 0, tucker: bool = True, alphas: str = "mixed",
                std: float = 0.3) -> Path:
     """LyCORIS LoHa on attention, resnet convs and the text encoder; `tucker` gives 3x3 convs t1/t2 cores."""
@@ -143,13 +150,8 @@ def write_loha(model, out, *, rank: int = 4, seed: int = 0, tucker: bool = True,
 
     g = torch.Generator().manual_seed(seed)
     state = {}
-    targets = kohya_targets(model)
-    for i, (prefix, path, module) in enumerate(targets):
-        name = kohya_name(prefix, path)
-        w = module.weight
-        out_dim, in_dim = w.shape[:2]
+    for i, name, out_dim, in_dim, kernel in _kohya_weights(model):
         r = min(rank + i % 2 * 4, out_dim, in_dim)
-        kernel = tuple(w.shape[2:])
         for n in (1, 2):
             if kernel and kernel != (1, 1) and tucker:
                 state[f"{name}.hada_t{n}"] = torch.randn(r, r, *kernel, generator=g) * std
@@ -174,12 +176,7 @@ def write_lokr(model, out, *, rank: int = 2, seed: int = 0, alphas: str = "mixed
 
     g = torch.Generator().manual_seed(seed)
     state = {}
-    targets = kohya_targets(model)
-    for i, (prefix, path, module) in enumerate(targets):
-        name = kohya_name(prefix, path)
-        w = module.weight
-        out_dim, in_dim = w.shape[:2]
-        kernel = tuple(w.shape[2:])
+    for i, name, out_dim, in_dim, kernel in _kohya_weights(model):
         a, c = _factor(out_dim), _factor(in_dim)
         b, d = out_dim // a, in_dim // c
         variant = LOKR_VARIANTS[i % len(LOKR_VARIANTS)]
