@@ -45,6 +45,10 @@ class ProviderError(EdgesdError):
     """The requested ONNX Runtime execution provider is not available."""
 
 
+class NonFiniteError(EdgesdError, ArithmeticError):
+    """A model produced NaN or infinite values (typically fp16 overflow)."""
+
+
 class MissingDependencyError(EdgesdError, ImportError):
     """An optional dependency (an extra) needed for this command is not installed."""
 

@@ -155,7 +155,7 @@ def cmd_generate(args):
     if not out.parent.is_dir():
         raise OutputError(f"{out.parent}: output folder does not exist")
     kwargs = generation_kwargs(args)
-    pipe = Pipeline.from_pretrained(args.model, provider=args.provider, low_memory=args.low_memory)
+    pipe = Pipeline.from_pretrained(args.model, provider=args.provider, low_memory=args.low_memory, **gpu_options(args))
     for spec in args.embedding or ():
         path, name = (spec, "") if Path(spec).exists() or ":" not in spec else spec.rsplit(":", 1)  # FILE[:WORD]
         pipe.load_embedding(path, token=name or None)
@@ -189,7 +189,8 @@ def cmd_demo(args):
     prompts = list(args.prompt or DEMO_PROMPTS)
     rows, infotext = [], None
     for variant in DEMO_VARIANTS:
-        pipe = Pipeline.from_pretrained(export_variant(root, variant, progress=True), provider=args.provider)
+        pipe = Pipeline.from_pretrained(export_variant(root, variant, progress=True), provider=args.provider,
+                                        **gpu_options(args))
         result = pipe(prompts, num_inference_steps=args.steps, guidance_scale=CFG, seed=args.seed,
                       sampler=args.sampler, output_type="np")
         rows.append(np.round(np.asarray(result.images) * 255).astype(np.uint8))
@@ -303,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--sampler", default="Euler")
         p.add_argument("--seed", type=int, default=None, help="-1 or absent: random")
         p.add_argument("--provider", default="auto", help="auto, cpu, cuda or tensorrt")
+        add_gpu_options(p)
 
     p = sub.add_parser("generate", help="text-to-image, img2img or inpainting with an exported model folder")
     p.add_argument("model", help="exported model folder")
@@ -340,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default=None, help="sampler (default Euler)")
     p.add_argument("--seed", type=int, default=None, help="-1 or absent: random")
     p.add_argument("--provider", default="auto", help="auto, cpu, cuda or tensorrt")
+    add_gpu_options(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="export the embedded toy model (once) and draw a contact sheet")
@@ -370,6 +373,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("samplers", help="list samplers and schedule types")
     p.set_defaults(func=cmd_samplers)
     return parser
+
+
+def add_gpu_options(p) -> None:
+    g = p.add_argument_group("GPU options (cuda and tensorrt providers)")
+    g.add_argument("--device-id", type=int, default=0, help="GPU index (0)")
+    g.add_argument("--gpu-mem-limit", type=float, default=None, metavar="GIB",
+                   help="cap the CUDA memory arena at this many GiB")
+    g.add_argument("--cuda-graph", action="store_true",
+                   help="capture the UNet as one CUDA graph (fixed image size and batch; cuda provider)")
+    g.add_argument("--no-io-binding", action="store_true",
+                   help="copy inputs and outputs at every run instead of keeping them on the GPU")
+
+
+def gpu_options(args) -> dict:
+    limit = None if args.gpu_mem_limit is None else int(args.gpu_mem_limit * 2**30)
+    return dict(device_id=args.device_id, gpu_mem_limit=limit, cuda_graph=args.cuda_graph,
+                io_binding=False if args.no_io_binding else None)
 
 
 def main(argv=None) -> int:

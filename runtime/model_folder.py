@@ -87,17 +87,24 @@ class ModelFolder:
     def has(self, component: str) -> bool:
         return component in self.specs and (self.path / self.specs[component].path).is_file()
 
-    def session(self, component: str, providers: list, options=None) -> "Session":
+    def session(self, component: str, providers: list, options=None, io_binding: bool | None = None) -> "Session":
         if not self.has(component):
             raise ModelFolderError(f"{self.path}: this model folder has no {component} graph")
-        return Session(self.path / self.specs[component].path, self.specs[component], providers, options)
+        return Session(self.path / self.specs[component].path, self.specs[component], providers, options, io_binding)
 
 
 class Session:
-    """An onnxruntime session checked against the contract; feeds are cast to the graph's dtypes."""
+    """An onnxruntime session checked against the contract; feeds are cast to the graph's dtypes.
 
-    def __init__(self, path: Path, spec, providers: list, options=None):
+    `io_binding`: run through IOBinding (runtime/device_io.py), so inputs and outputs stay on
+    the session's device between calls; None: on GPU providers only. `provider` is the
+    provider onnxruntime really runs the graph on."""
+
+    def __init__(self, path: Path, spec, providers: list, options=None, io_binding: bool | None = None):
         import onnxruntime as ort
+
+        from edgesd.runtime.device_io import BoundRunner
+        from edgesd.runtime.providers import check_session, device_of, uses_cuda_graph
 
         self.spec = spec
         if options is None:
@@ -106,7 +113,13 @@ class Session:
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types
-            raise ModelFolderError(f"{path}: onnxruntime cannot load the graph ({str(e).splitlines()[0]})") from None
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ModelFolderError(f"{path}: onnxruntime cannot load the graph ({reason})") from None
+        self.provider = check_session(self.session, providers, path)
+        device, device_id = device_of(self.session)
+        self.bound = None
+        if io_binding or (io_binding is None and device != "cpu"):
+            self.bound = BoundRunner(self.session, device, device_id, fixed_shapes=uses_cuda_graph(providers))
         # Inputs with a default (an initializer of the same name) are listed apart by onnxruntime.
         graph_inputs = {i.name: i for i in (*self.session.get_inputs(), *self.session.get_overridable_initializers())}
         graph_outputs = {o.name for o in self.session.get_outputs()}
@@ -121,8 +134,17 @@ class Session:
         self.output_names = [n for n in spec.output_names if n in graph_outputs]
 
     def run(self, outputs: list | None = None, **feeds) -> list:
-        feed = {name: np.asarray(value, dtype=self.input_dtypes[name]) for name, value in feeds.items()}
+        feed = {name: _as_dtype(value, self.input_dtypes[name]) for name, value in feeds.items()}
+        if self.bound is not None:
+            return self.bound.run(outputs or self.output_names, feed)
         return self.session.run(outputs or self.output_names, feed)
+
+
+def _as_dtype(value, dtype):
+    """`value` as a `dtype` array; a read-only array of that dtype stays the same object, so
+    IOBinding can keep it on the device across calls."""
+    array = np.asarray(value)
+    return array if array.dtype == dtype else array.astype(dtype)
 
 
 class LazySession:
@@ -130,18 +152,21 @@ class LazySession:
     that hold one component's weights at a time. Thread-safe: concurrent first uses open
     it once. It reads like a Session."""
 
-    def __init__(self, folder: ModelFolder, component: str, providers: list, options_factory):
+    def __init__(self, folder: ModelFolder, component: str, providers: list, options_factory,
+                 io_binding: bool | None = None):
         import threading
 
         self.folder, self.component, self.providers = folder, component, providers
-        self.options_factory = options_factory
+        self.options_factory, self.io_binding = options_factory, io_binding
         self._session = None
         self._lock = threading.Lock()
 
     def _open(self) -> Session:
         with self._lock:
             if self._session is None:
-                self._session = self.folder.session(self.component, self.providers, self.options_factory())
+                self._session = self.folder.session(self.component, self.providers, self.options_factory(),
+                                                   self.io_binding)
+                self.provider = self._session.provider  # kept after release(): infotexts name it
             return self._session
 
     def release(self) -> None:

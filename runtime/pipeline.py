@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from edgesd import schedulers
-from edgesd.errors import CheckpointError, InvalidArgumentError, unknown_name
+from edgesd.errors import CheckpointError, InvalidArgumentError, NonFiniteError, unknown_name
 from edgesd.runtime import providers as provider_names
 from edgesd.runtime.images import to_pil, to_unit_nhwc
 from edgesd.runtime import conditioning, hires, img2img, vae_tiling
@@ -28,6 +28,7 @@ from edgesd.runtime.seeds import RNG_LABELS, ImageNoise, check_variation, uses_e
 from edgesd.runtime.tokenizer import ClipTokenizer
 
 OUTPUT_TYPES = ("pil", "np", "latent")
+PROVIDER_LABELS = {"TensorrtExecutionProvider": "TensorRT", "CUDAExecutionProvider": "CUDA", "CPUExecutionProvider": "CPU"}
 MAX_SIDE = 8192
 MAX_STEPS = 1000
 MAX_SEED = 2**64 - 1
@@ -48,10 +49,11 @@ class GenerationResult:
 class Pipeline:
     """A loaded model folder. Thread-safe for concurrent calls: all per-call state is local."""
 
-    def __init__(self, folder: ModelFolder, providers: list, low_memory: bool = False):
+    def __init__(self, folder: ModelFolder, providers: list, low_memory: bool = False, io_binding: bool | None = None):
         self.folder = folder
         self.providers = providers
         self.low_memory = bool(low_memory)
+        self.io_binding = io_binding
         self.text_encoders = [conditioning.TextEncoder(folder.specs[e.name], ClipTokenizer(folder.path / e.tokenizer),
                                                        self.open_session(e.name))
                               for e in folder.family.text_encoders]
@@ -75,17 +77,38 @@ class Pipeline:
         self.model_hash = source.get("sha256", "")[:10] or None
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, provider: str = "auto", low_memory: bool = False) -> "Pipeline":
+    def from_pretrained(cls, path: str | Path, provider: str = "auto", low_memory: bool = False, *,
+                        device_id: int = 0, gpu_mem_limit: int | None = None, arena_extend_strategy: str | None = None,
+                        cudnn_conv_algo_search: str | None = None, cuda_graph: bool = False,
+                        io_binding: bool | None = None) -> "Pipeline":
         """`low_memory`: hold one component's weights at a time (each is loaded when its stage
         starts and freed when it ends), no memory arenas, and tiled VAE decoding/encoding:
-        the peak is about the largest component instead of all of them, for a reload per stage."""
-        return cls(ModelFolder.open(path), provider_names.resolve(provider), low_memory)
+        the peak is about the largest component instead of all of them, for a reload per stage.
+
+        GPU options (runtime/providers.py): `device_id`, `gpu_mem_limit` (bytes),
+        `arena_extend_strategy`, `cudnn_conv_algo_search`, and `cuda_graph`, which captures the
+        UNet as one CUDA graph (one image size and batch per loaded pipeline). `io_binding`:
+        keep inputs and outputs on the device between runs (None: on GPU providers).
+        """
+        providers = provider_names.resolve(provider, device_id=device_id, gpu_mem_limit=gpu_mem_limit,
+                                           arena_extend_strategy=arena_extend_strategy,
+                                           cudnn_conv_algo_search=cudnn_conv_algo_search, cuda_graph=cuda_graph)
+        if cuda_graph and "CUDAExecutionProvider" not in provider_names.names(providers):
+            raise InvalidArgumentError("cuda_graph=True needs the cuda provider")
+        return cls(ModelFolder.open(path), providers, low_memory, io_binding)
 
     def open_session(self, component: str):
-        """The component's session: opened now, or on first use in low-memory mode."""
+        """The component's session: opened now, or on first use in low-memory mode. Only the
+        UNet, which runs at every step, is captured as a CUDA graph."""
+        providers = self.providers if component == "unet" else provider_names.without_cuda_graph(self.providers)
         if self.low_memory:
-            return LazySession(self.folder, component, self.providers, low_memory_options)
-        return self.folder.session(component, self.providers)
+            return LazySession(self.folder, component, providers, low_memory_options, self.io_binding)
+        return self.folder.session(component, providers, io_binding=self.io_binding)
+
+    @property
+    def provider(self) -> str:
+        """The provider the UNet runs on, as onnxruntime reports it (e.g. CUDAExecutionProvider)."""
+        return self.unet.provider
 
     def stage_done(self, stage: str) -> None:
         """Low-memory mode frees a stage's sessions when it ends (reopened if needed again)."""
@@ -176,6 +199,7 @@ class Pipeline:
                 for c in (cond, uncond) if c is not None]
         both = conditioning.concat(*rows)
         context = both.context.astype(self.unet.input_dtypes["encoder_hidden_states"])
+        context.flags.writeable = False  # the same read-only array every step: IOBinding keeps it on the device
         added = {}
         if both.pooled is not None:
             added = {"text_embeds": both.pooled, "time_ids": np.repeat(time_ids[None], len(both.pooled), axis=0)}
@@ -216,10 +240,17 @@ class Pipeline:
 
         tile = self.folder.sample_size // self.vae_scale
         tiling = tiling or self.low_memory
+        if not np.isfinite(latents).all():
+            raise NonFiniteError("the UNet produced NaN or infinite latents (fp16 overflow?); use an fp32 export "
+                                 "(edgesd export --precision fp32) or a lower CFG scale")
         images = [vae_tiling.tiled_decode(run, l[None], tile, self.vae_scale)
                   if tiling and vae_tiling.needs_tiling(l, tile) else run(l[None]) for l in latents]
         self.stage_done("vae_decoder")
-        return to_unit_nhwc(np.concatenate(images))
+        images = np.concatenate(images)
+        if not np.isfinite(images).all():
+            raise NonFiniteError("the VAE decoder produced NaN or infinite pixels (fp16 overflow); export the VAE "
+                                 "in fp32 (edgesd export --vae-precision fp32, the default)")
+        return to_unit_nhwc(images)
 
     def __call__(self, prompt, negative_prompt="", num_inference_steps: int = 20, guidance_scale: float = 7.0,
                  height: int | None = None, width: int | None = None, seed=None, latents=None,
@@ -439,7 +470,8 @@ class Pipeline:
     def infotext(self, prompt, negative, steps, sampler, schedule, cfg, seed, width, height, extras=None) -> str:
         params = {"Steps": steps, "Sampler": sampler, "Schedule type": schedule, "CFG scale": _num(cfg),
                   "Seed": seed, "Size": f"{width}x{height}", "Model hash": self.model_hash,
-                  "Model": self.model_name, **(extras or {}), "Version": "edgesd"}
+                  "Model": self.model_name, **(extras or {}), "Provider": PROVIDER_LABELS.get(self.provider),
+                  "Version": "edgesd"}
         return create_infotext(prompt, negative, params)
 
     def infotext_params(self, text: str) -> dict:

@@ -1,8 +1,17 @@
-"""Choosing ONNX Runtime execution providers: "auto", "tensorrt", "cuda" or "cpu"."""
+"""Choosing ONNX Runtime execution providers: "auto", "tensorrt", "cuda" or "cpu", with options.
+
+`resolve` returns the list `onnxruntime.InferenceSession(providers=...)` takes: plain names
+or (name, options) pairs, in fallback order, CPU last (for the nodes a GPU provider cannot
+run). What was asked for, what exists and what was chosen is logged at INFO on the
+"edgesd" logger; `check_session` then confirms that onnxruntime really used it, since
+onnxruntime itself falls back to CPU with only a warning when, say, cuDNN is missing.
+"""
 
 from __future__ import annotations
 
-from edgesd.errors import ProviderError, unknown_name
+import logging
+
+from edgesd.errors import InvalidArgumentError, ProviderError, unknown_name
 
 PROVIDERS = {
     "tensorrt": "TensorrtExecutionProvider",
@@ -10,6 +19,17 @@ PROVIDERS = {
     "cpu": "CPUExecutionProvider",
 }
 AUTO_ORDER = ("tensorrt", "cuda", "cpu")
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+ARENA_STRATEGIES = ("kNextPowerOfTwo", "kSameAsRequested")
+CONV_ALGO_SEARCHES = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
+
+log = logging.getLogger("edgesd")
+
+
+class ProviderList(list):
+    """What `resolve` returns: the list onnxruntime takes, plus the name the user asked for."""
+
+    requested = "auto"
 
 
 def available() -> list:
@@ -18,8 +38,16 @@ def available() -> list:
     return ort.get_available_providers()
 
 
-def resolve(provider: str = "auto") -> list:
-    """The onnxruntime provider list for a user-facing name (fallbacks included)."""
+def resolve(provider: str = "auto", *, device_id: int = 0, gpu_mem_limit: int | None = None,
+            arena_extend_strategy: str | None = None, cudnn_conv_algo_search: str | None = None,
+            cuda_graph: bool = False) -> list:
+    """The onnxruntime provider list for a user-facing name, fallbacks included.
+
+    GPU options: `device_id`; `gpu_mem_limit` (bytes) caps the CUDA memory arena;
+    `arena_extend_strategy` is how the arena grows (kNextPowerOfTwo, kSameAsRequested);
+    `cudnn_conv_algo_search` how cuDNN picks convolution kernels (EXHAUSTIVE: fastest runs,
+    slower first run); `cuda_graph` captures the UNet's run as one CUDA graph (fixed shapes).
+    """
     name = str(provider).lower()
     have = available()
     if name == "auto":
@@ -34,6 +62,74 @@ def resolve(provider: str = "auto") -> list:
         chosen = name
     else:
         raise unknown_name("provider", provider, ["auto", *PROVIDERS])
-    order = AUTO_ORDER[AUTO_ORDER.index(chosen):]
-    # A GPU provider keeps CPU as the fallback for nodes it cannot run.
-    return [PROVIDERS[p] for p in order if PROVIDERS[p] in have]
+    options = cuda_options(device_id, gpu_mem_limit, arena_extend_strategy, cudnn_conv_algo_search, cuda_graph)
+    order = [PROVIDERS[p] for p in AUTO_ORDER[AUTO_ORDER.index(chosen):] if PROVIDERS[p] in have]
+    result = ProviderList((p, options) if p == "CUDAExecutionProvider" else
+              (p, {"device_id": options["device_id"]}) if p == "TensorrtExecutionProvider" else p for p in order)
+    result.requested = name
+    log.info("execution providers: asked for %s; onnxruntime has %s; using %s", name, ", ".join(have),
+             " > ".join(names(result)))
+    return result
+
+
+def cuda_options(device_id, gpu_mem_limit, arena_extend_strategy, cudnn_conv_algo_search, cuda_graph) -> dict:
+    """The CUDA execution provider's options, checked (onnxruntime wants them as strings)."""
+    if isinstance(device_id, bool) or not isinstance(device_id, int) or device_id < 0:
+        raise InvalidArgumentError(f"device_id must be a GPU index (an integer >= 0), got {device_id!r}")
+    options = {"device_id": str(device_id)}
+    if gpu_mem_limit is not None:
+        if isinstance(gpu_mem_limit, bool) or not isinstance(gpu_mem_limit, int) or gpu_mem_limit < 2**20:
+            raise InvalidArgumentError(f"gpu_mem_limit must be a number of bytes (at least 1 MiB), got {gpu_mem_limit!r}")
+        options["gpu_mem_limit"] = str(gpu_mem_limit)
+    if arena_extend_strategy is not None:
+        if arena_extend_strategy not in ARENA_STRATEGIES:
+            raise unknown_name("arena extend strategy", arena_extend_strategy, ARENA_STRATEGIES)
+        options["arena_extend_strategy"] = arena_extend_strategy
+    if cudnn_conv_algo_search is not None:
+        if cudnn_conv_algo_search not in CONV_ALGO_SEARCHES:
+            raise unknown_name("cuDNN convolution algorithm search", cudnn_conv_algo_search, CONV_ALGO_SEARCHES)
+        options["cudnn_conv_algo_search"] = cudnn_conv_algo_search
+    if cuda_graph:
+        options["enable_cuda_graph"] = "1"
+    return options
+
+
+def names(providers: list) -> list:
+    """The provider names of a `resolve` list."""
+    return [p if isinstance(p, str) else p[0] for p in providers]
+
+
+def without_cuda_graph(providers: list) -> list:
+    """The same providers with CUDA graph capture off (for graphs that run once per image)."""
+    result = ProviderList((p[0], {k: v for k, v in p[1].items() if k != "enable_cuda_graph"}) if not isinstance(p, str) else p
+            for p in providers)
+    result.requested = getattr(providers, "requested", "auto")
+    return result
+
+
+def uses_cuda_graph(providers: list) -> bool:
+    return any(not isinstance(p, str) and p[1].get("enable_cuda_graph") == "1" for p in providers)
+
+
+def check_session(session, providers: list, path) -> str:
+    """The provider a loaded session really runs on; an error if onnxruntime silently fell
+    back to the CPU from a GPU provider that was asked for (missing CUDA/cuDNN libraries)."""
+    wanted, got = names(providers), session.get_providers()
+    if wanted[0] in GPU_PROVIDERS and wanted[0] not in got:
+        if getattr(providers, "requested", None) == "auto":
+            log.warning("%s: onnxruntime could not start %s; running on %s", path, wanted[0], got[0])
+            return got[0]
+        raise ProviderError(
+            f"{path}: onnxruntime could not start {wanted[0]} (running on {', '.join(got)}); check that the "
+            "CUDA, cuDNN (and TensorRT) libraries match this onnxruntime-gpu build, or use provider='cpu'")
+    return got[0]
+
+
+def device_of(session) -> tuple:
+    """(device, device_id) where a session's inputs and outputs live best: "cuda" for GPU
+    providers (as IOBinding names it), else "cpu"."""
+    used = session.get_providers()
+    for name in GPU_PROVIDERS:
+        if name in used:
+            return "cuda", int(session.get_provider_options().get(name, {}).get("device_id", 0))
+    return "cpu", 0
