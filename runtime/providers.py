@@ -63,6 +63,8 @@ def resolve(provider: str = "auto", *, device_id: int = 0, gpu_mem_limit: int | 
     else:
         raise unknown_name("provider", provider, ["auto", *PROVIDERS])
     options = cuda_options(device_id, gpu_mem_limit, arena_extend_strategy, cudnn_conv_algo_search, cuda_graph)
+    if chosen != "cpu":
+        preload_gpu_libraries()
     order = [PROVIDERS[p] for p in AUTO_ORDER[AUTO_ORDER.index(chosen):] if PROVIDERS[p] in have]
     result = ProviderList((p, options) if p == "CUDAExecutionProvider" else
               (p, {"device_id": options["device_id"]}) if p == "TensorrtExecutionProvider" else p for p in order)
@@ -70,6 +72,20 @@ def resolve(provider: str = "auto", *, device_id: int = 0, gpu_mem_limit: int | 
     log.info("execution providers: asked for %s; onnxruntime has %s; using %s", name, ", ".join(have),
              " > ".join(names(result)))
     return result
+
+
+def preload_gpu_libraries() -> None:
+    """Load the CUDA and cuDNN libraries of pip's nvidia-* packages (what `onnxruntime-gpu[cuda,cudnn]`
+    and torch install), so the CUDA provider finds them without LD_LIBRARY_PATH. Once per process."""
+    import onnxruntime as ort
+
+    preload = getattr(ort, "preload_dlls", None)  # onnxruntime >= 1.21
+    if preload is not None and not getattr(preload_gpu_libraries, "done", False):
+        preload_gpu_libraries.done = True
+        try:
+            preload()
+        except Exception as e:  # a library that is absent is reported when the session starts
+            log.info("onnxruntime.preload_dlls: %s", e)
 
 
 def cuda_options(device_id, gpu_mem_limit, arena_extend_strategy, cudnn_conv_algo_search, cuda_graph) -> dict:
