@@ -87,22 +87,48 @@ class ModelFolder:
     def has(self, component: str) -> bool:
         return component in self.specs and (self.path / self.specs[component].path).is_file()
 
+    @property
+    def optimization(self) -> str | None:
+        """The target the exporter optimized the graphs for ("cpu", "cuda"), or None."""
+        return (self.manifest or {}).get("optimization")
+
     def session(self, component: str, providers: list, options=None) -> "Session":
         if not self.has(component):
             raise ModelFolderError(f"{self.path}: this model folder has no {component} graph")
-        return Session(self.path / self.specs[component].path, self.specs[component], providers, options)
+        check_optimization_target(self.path, self.optimization, providers)
+        return Session(self.path / self.specs[component].path, self.specs[component], providers, options,
+                       preoptimized=self.optimization is not None)
+
+
+CUDA_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+
+def provider_names(providers: list) -> list:
+    """Provider names from onnxruntime's providers argument (names or (name, options) pairs)."""
+    return [p if isinstance(p, str) else p[0] for p in providers]
+
+
+def check_optimization_target(path: Path, target: str | None, providers: list) -> None:
+    """Graphs optimized for CUDA hold CUDA-only operators (NhwcConv, GroupNorm, BiasSplitGelu...)."""
+    if target == "cuda" and not any(p in CUDA_PROVIDERS for p in provider_names(providers)):
+        raise ModelFolderError(
+            f"{path}: this folder was exported with --optimize cuda (CUDA-only operators) and cannot run on "
+            f"{', '.join(provider_names(providers))}; use provider cuda or tensorrt, or re-export with "
+            "--optimize cpu or without --optimize")
 
 
 class Session:
     """An onnxruntime session checked against the contract; feeds are cast to the graph's dtypes."""
 
-    def __init__(self, path: Path, spec, providers: list, options=None):
+    def __init__(self, path: Path, spec, providers: list, options=None, preoptimized: bool = False):
         import onnxruntime as ort
 
         self.spec = spec
         if options is None:
             options = ort.SessionOptions()
             options.log_severity_level = 3
+        if preoptimized:  # fused at export: the extended passes would only repeat the work at each load
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types
