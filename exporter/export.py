@@ -14,6 +14,8 @@ import uuid
 from pathlib import Path
 
 from edgesd.errors import EdgesdError, InvalidArgumentError, OutputError
+from edgesd.exporter.onnx_export import EXTERNAL_DATA
+from edgesd.exporter.precision import component_precision
 from edgesd.models.families import EXPORTED_CONFIG_FILES
 from edgesd.models.manifest import FORMAT_VERSION, sha256_file, write_manifest
 
@@ -21,17 +23,29 @@ TMP_MARK = ".edgesd-tmp-"
 
 
 def export(source, out, *, config=None, prediction=None, overwrite: bool = False, verify: bool = True,
-           progress: bool = True, loras=(), hypernetworks=(), lenient: bool = False, quantize: str | None = None) -> dict:
+           progress: bool = True, loras=(), hypernetworks=(), lenient: bool = False, quantize: str | None = None,
+           precision: str = "fp32", vae_precision: str | None = None, optimize: str | None = None) -> dict:
     """Export `source` to the folder `out`; returns the manifest written.
 
     `loras` (`FILE[:UNET_W[:TE_W]]` or LoraArg) are fused into the weights and `hypernetworks`
     (`FILE[:STRENGTH]`) added to the UNet graph, in order (see exporter.adapters). `quantize`
-    ("int8", "int8-conv") stores the UNet's weights as int8 (see exporter.quantize).
+    ("int8", "int8-conv") stores the UNet's weights as int8 (see exporter.quantize). `precision`
+    "fp16" converts the UNet and text encoders to fp16 (the VAE too with `vae_precision="fp16"`;
+    see exporter.precision); `optimize` ("cpu", "cuda") fuses the graphs with ONNX Runtime's
+    transformer optimizer for that target (see exporter.optimize).
     """
     from edgesd.exporter.adapters import check_adapter_files, parse_hypernetwork_arg, parse_lora_arg
+    from edgesd.exporter.optimize import check_target
+    from edgesd.exporter.precision import check_precision
     from edgesd.exporter.quantize import check_mode
 
     check_mode(quantize)
+    check_precision(precision)
+    check_precision(vae_precision, "VAE precision")
+    check_target(optimize)
+    if quantize and (precision != "fp32" or optimize):
+        raise InvalidArgumentError("--quantize applies to fp32 graphs without --optimize; "
+                                   "drop --precision fp16 / --optimize, or --quantize")
 
     loras = [parse_lora_arg(a) for a in loras]
     hypernetworks = [parse_hypernetwork_arg(a) for a in hypernetworks]
@@ -53,7 +67,8 @@ def export(source, out, *, config=None, prediction=None, overwrite: bool = False
     tmp.mkdir()
     try:
         manifest = build_folder(source, tmp, config=config, prediction=prediction, verify=verify, progress=progress,
-                                loras=loras, hypernetworks=hypernetworks, lenient=lenient, quantize=quantize)
+                                loras=loras, hypernetworks=hypernetworks, lenient=lenient, quantize=quantize,
+                                precision=precision, vae_precision=vae_precision, optimize=optimize)
         replace_folder(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -122,7 +137,8 @@ def exchange_paths(a: Path, b: Path) -> bool:
 
 
 def build_folder(source, folder: Path, *, config=None, prediction=None, verify=True, progress=True,
-                 loras=(), hypernetworks=(), lenient=False, quantize=None) -> dict:
+                 loras=(), hypernetworks=(), lenient=False, quantize=None, precision="fp32", vae_precision=None,
+                 optimize=None) -> dict:
     import diffusers
     import onnx
     import torch
@@ -149,20 +165,21 @@ def build_folder(source, folder: Path, *, config=None, prediction=None, verify=T
             bar.set_postfix_str(f"{spec.name}: export")
             path = export_component(spec, loaded, configs, folder, opset=OPSET)
             bar.update()
-            entry = {"path": spec.path, "sha256": sha256_file(path), "precision": "fp32", "external_data": None}
-            data = path.parent / "model.onnx_data"
-            if data.exists():
-                entry.update(external_data=f"{spec.name}/model.onnx_data", external_data_sha256=sha256_file(data))
+            entry = {"path": spec.path, "precision": "fp32", **graph_files(spec, path)}
             if verify:
                 bar.set_postfix_str(f"{spec.name}: verify")
                 entry["verification"] = verify_component(spec, loaded, configs, path)
+            half = component_precision(spec.name, precision, vae_precision) == "fp16"
+            if optimize or half:
+                bar.set_postfix_str(f"{spec.name}: " + ("optimize" if optimize else "fp16"))
+                entry.update(transform_graph(spec, path, optimize, half), precision="fp16" if half else "fp32")
+                entry.update(graph_files(spec, path))
+                if verify:
+                    entry["verification"] = verify_transformed(spec, loaded, configs, path, entry)
             if quantize and spec.name in QUANTIZED_COMPONENTS:
                 bar.set_postfix_str(f"{spec.name}: quantize")
-                entry.update(precision="int8", quantization=quantize_component(path, quantize),
-                             sha256=sha256_file(path), external_data=None)
-                entry.pop("external_data_sha256", None)
-                if data.exists():
-                    entry.update(external_data=f"{spec.name}/model.onnx_data", external_data_sha256=sha256_file(data))
+                entry.update(precision="int8", quantization=quantize_component(path, quantize))
+                entry.update(graph_files(spec, path))
                 if verify:
                     entry["verification"] = verify_component(spec, loaded, configs, path, min_snr_db=MIN_SNR_DB)
             bar.update()
@@ -185,7 +202,8 @@ def build_folder(source, folder: Path, *, config=None, prediction=None, verify=T
         "variant": loaded.variant,
         "prediction_type": configs["scheduler"].get("prediction_type", "epsilon"),
         "sample_size": sample_size(configs),
-        "precision": "int8" if quantize else "fp32",
+        "precision": "int8" if quantize else precision,
+        "optimization": optimize,
         "components": components,
         "source": loaded.source,
         "exporter": {"version": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
@@ -194,6 +212,49 @@ def build_folder(source, folder: Path, *, config=None, prediction=None, verify=T
     }
     write_manifest(folder, manifest)
     return manifest
+
+
+def graph_files(spec, path: Path) -> dict:
+    """The manifest's record of a component's files: graph sha256, external data and its sha256."""
+    data = path.parent / EXTERNAL_DATA
+    files = {"sha256": sha256_file(path), "external_data": None}
+    if data.exists():
+        files.update(external_data=f"{spec.name}/{EXTERNAL_DATA}", external_data_sha256=sha256_file(data))
+    return files
+
+
+def transform_graph(spec, path: Path, optimize: str | None, half: bool) -> dict:
+    """Optimize (if asked), then convert to fp16 (if asked), in place; return the manifest records.
+
+    Conversion comes after fusion, so fused ops (attention, GroupNorm) are converted as wholes.
+    """
+    from edgesd.exporter.onnx_export import load_graph, save_graph
+    from edgesd.exporter.optimize import optimize_graph
+    from edgesd.exporter.precision import convert_to_fp16
+
+    model, records = load_graph(path), {}
+    if optimize:
+        model, records["optimization"] = optimize_graph(model, spec.name, optimize, half)
+    if half:
+        model, records["fp16"] = convert_to_fp16(model, spec)
+    save_graph(getattr(model, "model", model), path)
+    return records
+
+
+def verify_transformed(spec, loaded, configs: dict, path: Path, entry: dict) -> dict:
+    """Verify the optimized / fp16 graph against torch where the CPU can run it (at the fp16
+    tolerance for fp16); a graph with CUDA-only ops keeps the verification of its fp32 export."""
+    from edgesd.exporter.onnx_export import cpu_load_problem, verify_component
+    from edgesd.runtime.conformance.checks import TOLERANCE
+
+    problem = cpu_load_problem(path)
+    if problem is None:
+        if "optimization" in entry:
+            entry["optimization"]["verified_on_cpu"] = True
+        return verify_component(spec, loaded, configs, path, tolerance=TOLERANCE[entry["precision"]])
+    entry["optimization"]["verified_on_cpu"] = False
+    entry["optimization"]["not_verified_because"] = problem
+    return dict(entry["verification"], graph="the fp32 export, before optimization")
 
 
 def write_configs(folder: Path, configs: dict, loaded) -> None:

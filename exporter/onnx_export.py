@@ -18,6 +18,7 @@ from edgesd.errors import ExportError
 OPSET = 17
 EXTERNAL_DATA = "model.onnx_data"
 FP32_TOLERANCE = 1e-3  # max abs error relative to the output's max magnitude
+MAX_INLINE_BYTES = 2**31 - 2**26  # weights above this go to model.onnx_data (protobuf's 2 GB limit, with room)
 
 
 def export_component(spec, model, configs: dict, folder: Path, *, opset: int = OPSET) -> Path:
@@ -80,6 +81,39 @@ def consolidate_external_data(proto, source: Path, data_file: Path, align: int =
             offset += len(data)
 
 
+def load_graph(path: Path):
+    """The graph with its weights in memory (read from model.onnx_data when it has one)."""
+    import onnx
+
+    return onnx.load(str(path), load_external_data=True)
+
+
+def save_graph(proto, path: Path) -> None:
+    """Write `proto` over the component's model.onnx (and model.onnx_data).
+
+    Weights go to one page-aligned model.onnx_data when they do not fit a 2 GB protobuf (the
+    fp32 UNet of SDXL or SD1.5 with fp32 weights); otherwise the graph is one file.
+    """
+    import onnx
+
+    folder = path.parent
+    (folder / EXTERNAL_DATA).unlink(missing_ok=True)
+    if sum(t.ByteSize() for t in _all_tensors(proto.graph)) < MAX_INLINE_BYTES:
+        onnx.save_model(proto, str(path))
+        return
+    scratch = folder / ".rewrite"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    try:
+        onnx.save_model(proto, str(scratch / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="weights", size_threshold=1024)
+        small = onnx.load(str(scratch / "model.onnx"), load_external_data=False)
+        consolidate_external_data(small, scratch, folder / EXTERNAL_DATA)
+        onnx.save_model(small, str(path))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def _all_tensors(graph):
     yield from graph.initializer
     for node in graph.node:
@@ -93,16 +127,37 @@ def add_input_defaults(proto, spec) -> None:
 
     ONNX treats such an initializer as the input's default value: feeding the input
     overrides it, and consumers that do not know the input (optimum) need not feed it.
+    The default has size 1 on the dynamic axes (it broadcasts), so those axes get names of
+    their own: onnxruntime plans buffers as if equally named axes were equal in size, and an
+    omitted input of batch 1 beside a batch of 2 then fails at run time (seen in fp16 graphs).
     """
     from onnx import numpy_helper
 
+    declared = {i.name: i for i in proto.graph.input}
     for t in spec.inputs:
         if t.default is not None:
             proto.graph.initializer.append(numpy_helper.from_array(t.default_array("fp32"), t.name))
+            for dim in declared[t.name].type.tensor_type.shape.dim if t.name in declared else ():
+                if dim.dim_param:
+                    dim.dim_param = f"{dim.dim_param}_of_{t.name}"
 
 
 def _has_external_data(folder: Path) -> bool:
     return any(p.name != "model.onnx" for p in folder.iterdir())
+
+
+def cpu_load_problem(path: Path) -> str | None:
+    """Why onnxruntime's CPU provider cannot open the graph (ops with CUDA kernels only), or None."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return text.split(" : ")[-1][:300]
+    return None
 
 
 def verify_component(spec, model, configs: dict, path: Path, *, tolerance: float = FP32_TOLERANCE,
@@ -124,6 +179,7 @@ def verify_component(spec, model, configs: dict, path: Path, *, tolerance: float
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    dtypes = graph_input_dtypes(session)  # float16 for an fp16 graph's float inputs
     worst = {"max_abs_error": 0.0, "relative_error": 0.0, "tolerance": tolerance}
     if min_snr_db is not None:
         worst = {"max_abs_error": 0.0, "relative_error": 0.0, "min_snr_db": min_snr_db, "snr_db": 300.0}
@@ -132,7 +188,7 @@ def verify_component(spec, model, configs: dict, path: Path, *, tolerance: float
         with torch.no_grad():
             expected = graph(*inputs)
         expected = expected if isinstance(expected, tuple) else (expected,)
-        feed = {t.name: x.numpy() for t, x in zip(spec.inputs, inputs)}
+        feed = {t.name: x.numpy().astype(dtypes[t.name]) for t, x in zip(spec.inputs, inputs)}
         got = session.run(spec.output_names, feed)
         for name, e, g in zip(spec.output_names, expected, got):
             e = e.detach().double().numpy()
@@ -146,7 +202,7 @@ def verify_component(spec, model, configs: dict, path: Path, *, tolerance: float
                 worst.update(max_abs_error=err, relative_error=rel)
             if min_snr_db is not None:
                 worst["snr_db"] = min(worst["snr_db"], output_snr_db(e, g))
-        check_input_defaults(spec, session, feed)
+        check_input_defaults(spec, session, feed, dtypes)
     if min_snr_db is not None:
         if not worst["snr_db"] >= min_snr_db:
             raise ExportError(f"{spec.name}: the quantized graph's output is {worst['snr_db']:.1f} dB SNR against "
@@ -160,13 +216,21 @@ def verify_component(spec, model, configs: dict, path: Path, *, tolerance: float
     return worst
 
 
-def check_input_defaults(spec, session, feed: dict) -> None:
+def graph_input_dtypes(session) -> dict:
+    """{input name: numpy dtype name} of a session's inputs, optional ones included."""
+    from edgesd.models.contract import ONNX_TYPE_NAMES
+
+    inputs = (*session.get_inputs(), *session.get_overridable_initializers())
+    return {i.name: ONNX_TYPE_NAMES.get(i.type, "float32") for i in inputs}
+
+
+def check_input_defaults(spec, session, feed: dict, dtypes: dict) -> None:
     """Leaving out the optional inputs must equal feeding their declared defaults."""
     optional = [t for t in spec.inputs if t.default is not None]
     if not optional:
         return
     required = {k: v for k, v in feed.items() if k in spec.required_input_names}
-    explicit = dict(required, **{t.name: t.default_array("fp32") for t in optional})
+    explicit = dict(required, **{t.name: t.default_array("fp32").astype(dtypes[t.name]) for t in optional})
     for name, a, b in zip(spec.output_names, session.run(spec.output_names, required),
                           session.run(spec.output_names, explicit)):
         if not np.array_equal(a, b):

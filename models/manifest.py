@@ -17,6 +17,7 @@ FORMAT_VERSION = 1
 PRECISIONS = ("fp32", "fp16", "int8")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 VARIANTS = ("base", "inpaint")
+OPTIMIZATION_TARGETS = ("cpu", "cuda")  # None: graphs as torch exported them
 
 # key -> (type, description). The schema is the documentation.
 SCHEMA = {
@@ -30,6 +31,10 @@ SCHEMA = {
     "source": (dict, "{file, sha256, format} of the checkpoint exported"),
     "exporter": (dict, "{version, torch, diffusers, onnx, opset}"),
     "adapters": (list, "LoRA / hypernetwork files baked into the graphs, in order"),
+}
+# Optional keys (folders exported before they existed lack them): key -> description.
+OPTIONAL = {
+    "optimization": "cpu or cuda: the target ONNX Runtime's optimizer fused the graphs for; null or absent: none",
 }
 
 
@@ -55,6 +60,9 @@ def validate(manifest: dict) -> dict:
             f"{MANIFEST_FILE} has format_version {manifest['format_version']}; this edgesd reads "
             f"up to {FORMAT_VERSION}: upgrade edgesd"
         )
+    if manifest.get("optimization") not in (None, *OPTIMIZATION_TARGETS):
+        raise ModelFolderError(f"{MANIFEST_FILE}: optimization {manifest['optimization']!r} is not one of "
+                               f"{', '.join(OPTIMIZATION_TARGETS)} (or null)")
     for key, valid in (("precision", PRECISIONS), ("prediction_type", PREDICTION_TYPES), ("variant", VARIANTS)):
         if manifest[key] not in valid:
             raise ModelFolderError(f"{MANIFEST_FILE}: {key} {manifest[key]!r} is not one of {', '.join(valid)}")

@@ -44,7 +44,8 @@ def cmd_export(args):
     manifest = export(args.source, args.output, config=args.config, prediction=args.prediction,
                       overwrite=args.overwrite,
                       verify=not args.no_verify, progress=not args.quiet,
-                      loras=args.lora, hypernetworks=args.hypernetwork, lenient=args.lenient, quantize=args.quantize)
+                      loras=args.lora, hypernetworks=args.hypernetwork, lenient=args.lenient, quantize=args.quantize,
+                      precision=args.precision, vae_precision=args.vae_precision, optimize=args.optimize)
     print(f"exported {manifest['family']} ({manifest['variant']}, {manifest['prediction_type']}) to {args.output}")
     for name, entry in manifest["components"].items():
         print(f"  {name:13s} verified: {verification_text(entry)}")
@@ -57,7 +58,15 @@ def verification_text(entry: dict) -> str:
         return "skipped"
     if "snr_db" in check:
         return f"{entry.get('precision')} output SNR {check['snr_db']:.1f} dB vs torch"
-    return f"relative error {check['relative_error']:.1e}"
+    precision = "fp32 export" if "graph" in check else entry.get("precision", "fp32")  # graph: CUDA-only ops
+    text = f"{precision} relative error {check['relative_error']:.1e}"
+    optimization = entry.get("optimization")
+    if optimization:
+        text += f"; optimized for {optimization['target']}: " + (", ".join(
+            f"{n} {op}" for op, n in optimization["fusions"].items()) or "no fusions applied")
+    if "graph" in check:
+        text += f" (the {entry.get('precision')} optimized graph is not run on the CPU)"
+    return text
 
 
 def print_adapters(manifest: dict) -> None:
@@ -259,6 +268,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from edgesd import __version__
+    from edgesd.exporter.precision import PRECISIONS
+    from edgesd.models.manifest import OPTIMIZATION_TARGETS
 
     parser = OneLineParser(prog="edgesd", description="Stable Diffusion on ONNX Runtime.")
     parser.add_argument("--version", action="version", version=f"edgesd {__version__}")
@@ -281,6 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", default=None, metavar="MODE",
                    help="int8: the UNet's attention/linear weights as int8 (ONNX Runtime dynamic quantization); "
                         "int8-conv: its convolutions too")
+    p.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
+                   help="fp16: UNet and text encoder in float16, with float32 islands where fp16 overflows")
+    p.add_argument("--vae-precision", default=None, choices=list(PRECISIONS),
+                   help="the VAE's precision (default fp32: real VAEs overflow fp16)")
+    p.add_argument("--optimize", default=None, choices=list(OPTIMIZATION_TARGETS),
+                   help="fuse the graphs with ONNX Runtime's transformer optimizer for this target "
+                        "(cuda graphs hold CUDA-only operators)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("synth-adapter", help="write a synthetic adapter file (seeded random weights, public layout)")

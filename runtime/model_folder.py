@@ -87,10 +87,28 @@ class ModelFolder:
     def has(self, component: str) -> bool:
         return component in self.specs and (self.path / self.specs[component].path).is_file()
 
+    @property
+    def optimization(self) -> str | None:
+        """The target the exporter optimized the graphs for ("cpu", "cuda"), or None."""
+        return (self.manifest or {}).get("optimization")
+
     def session(self, component: str, providers: list, options=None, io_binding: bool | None = None) -> "Session":
         if not self.has(component):
             raise ModelFolderError(f"{self.path}: this model folder has no {component} graph")
-        return Session(self.path / self.specs[component].path, self.specs[component], providers, options, io_binding)
+        check_optimization_target(self.path, self.optimization, providers)
+        return Session(self.path / self.specs[component].path, self.specs[component], providers, options, io_binding,
+                       preoptimized=self.optimization is not None)
+
+
+def check_optimization_target(path: Path, target: str | None, providers: list) -> None:
+    """Graphs optimized for CUDA hold CUDA-only operators (NhwcConv, GroupNorm, BiasSplitGelu...)."""
+    from edgesd.runtime.providers import GPU_PROVIDERS, names
+
+    if target == "cuda" and not any(p in GPU_PROVIDERS for p in names(providers)):
+        raise ModelFolderError(
+            f"{path}: this folder was exported with --optimize cuda (CUDA-only operators) and cannot run on "
+            f"{', '.join(names(providers))}; use provider cuda or tensorrt, or re-export with "
+            "--optimize cpu or without --optimize")
 
 
 class Session:
@@ -100,7 +118,8 @@ class Session:
     the session's device between calls; None: on GPU providers only. `provider` is the
     provider onnxruntime really runs the graph on."""
 
-    def __init__(self, path: Path, spec, providers: list, options=None, io_binding: bool | None = None):
+    def __init__(self, path: Path, spec, providers: list, options=None, io_binding: bool | None = None,
+                 preoptimized: bool = False):
         import onnxruntime as ort
 
         from edgesd.runtime.device_io import BoundRunner
@@ -110,6 +129,8 @@ class Session:
         if options is None:
             options = ort.SessionOptions()
             options.log_severity_level = 3
+        if preoptimized:  # fused at export: the extended passes would only repeat the work at each load
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types

@@ -1,0 +1,94 @@
+"""fp16 graphs with fp32 islands: ONNX Runtime's float16 converter, told where fp16 fails.
+
+The converter turns float initializers, activations and the contract's "float" inputs and
+outputs into float16, and keeps the ops and nodes listed here in float32 (with Cast nodes
+around them). It runs after the optimizer, so fused ops (GroupNorm, attention) are converted
+as wholes; they compute their statistics and softmax in float32 internally. The VAE stays
+float32 unless asked: its decoder's activations overflow fp16 on real weights (SD1.x and SDXL
+VAEs give NaN images in fp16, which is why A1111 has --no-half-vae).
+"""
+
+from __future__ import annotations
+
+from edgesd.errors import ExportError, unknown_name
+
+PRECISIONS = {"fp32": "float32 graphs (exact to torch within 1e-3)",
+              "fp16": "float16 weights and activations, with the float32 islands below"}
+# op type -> why it stays float32 when left unfused
+FP32_OPS = {
+    "InstanceNormalization": "torch exports GroupNorm through it: the variance of large activations overflows fp16",
+    "Softmax": "attention scores: fp16 exp() overflows, and the normalising sum loses small probabilities",
+}
+# component -> node-name scopes kept float32, together with every node that feeds them from a
+# float32 contract input (the UNet's timestep)
+FP32_SCOPES = {
+    # sinusoidal embeddings of t (up to 1000) and of SDXL's sizes (up to 1024 and more): fp16's
+    # spacing of 0.5 to 1 there scrambles the sin / cos arguments
+    "unet": ("/time_proj/", "/add_time_proj/"),
+}
+VAE_COMPONENTS = ("vae_decoder", "vae_encoder")
+
+
+def check_precision(precision: str | None, what: str = "precision") -> str | None:
+    if precision is None or precision in PRECISIONS:
+        return precision
+    raise unknown_name(what, precision, list(PRECISIONS))
+
+
+def component_precision(component: str, precision: str, vae_precision: str | None) -> str:
+    """The VAE is fp32 unless `vae_precision` says otherwise; the others follow `precision`."""
+    if component in VAE_COMPONENTS:
+        return vae_precision or "fp32"
+    return precision
+
+
+def convert_to_fp16(model, spec):
+    """Convert the ModelProto or OnnxModel `model` to fp16; return (OnnxModel, manifest record)."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    # the optimizer's result is an OnnxModel of the optimizer's own import path: recognised by its method
+    wrapped = model if hasattr(model, "convert_float_to_float16") else OnnxModel(model)
+    kept_nodes = fp32_nodes(wrapped.model.graph, spec, FP32_SCOPES.get(spec.name, ()))
+    kept_io = [t.name for t in (*spec.inputs, *spec.outputs) if t.dtype == "float32"]
+    try:
+        wrapped.convert_float_to_float16(keep_io_types=kept_io, op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FP32_OPS],
+                                         node_block_list=sorted(kept_nodes))
+    except Exception as e:  # the converter raises plain exceptions (shape inference, unknown types)
+        raise ExportError(f"{spec.name}: fp16 conversion failed ({str(e).strip().splitlines()[0][:300] if str(e) else type(e).__name__}); "
+                          "export with --precision fp32") from None
+    # The shapes that symbolic shape inference left in value_info merged the optional inputs' stored
+    # defaults ([1, 1, hidden]) with their dynamic axes: onnxruntime would plan buffers by them.
+    del wrapped.model.graph.value_info[:]
+    present = {n.op_type for n in wrapped.model.graph.node}
+    record = {"fp32_ops": sorted(op for op in FP32_OPS if op in present), "fp32_nodes": len(kept_nodes),
+              "fp32_io": kept_io}
+    return wrapped, record
+
+
+def fp32_nodes(graph, spec, scopes: tuple) -> set:
+    """Names of the nodes in `scopes` and of those between a float32 contract input and them."""
+    scoped = {n.name for n in graph.node if any(s in n.name for s in scopes)}
+    if not scoped:
+        return set()
+    fixed = {t.name for t in spec.inputs if t.dtype == "float32"}
+    producer = {out: n for n in graph.node for out in n.output}
+    fed_by_fixed = _downstream(graph, fixed)
+    kept, stack = set(scoped), [n for n in graph.node if n.name in scoped]
+    while stack:
+        for name in stack.pop().input:
+            parent = producer.get(name)
+            if parent is not None and parent.name in fed_by_fixed and parent.name not in kept:
+                kept.add(parent.name)
+                stack.append(parent)
+    return kept
+
+
+def _downstream(graph, inputs: set) -> set:
+    """Names of the nodes that depend on any of `inputs` (graph nodes are in topological order)."""
+    reached, names = set(inputs), set()
+    for node in graph.node:
+        if any(i in reached for i in node.input):
+            reached.update(node.output)
+            names.add(node.name)
+    return names
