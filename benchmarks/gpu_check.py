@@ -56,13 +56,16 @@ def export_all(work: Path, size: str) -> None:
                           ("toy-fp16-opt", {"precision": "fp16", "optimize": "cuda"})):
         timed_export(work, name, lambda out, o=options: export(toy, out, config=config_dir(), overwrite=True,
                                                               progress=False, **o))
+    from edgesd.models.families import CONFIG_ROOT
+
+    config = None if size == "full" else CONFIG_ROOT / "sd1-tiny"
     checkpoint = work / f"sd15-{size}.safetensors"
     if not checkpoint.exists():
         subprocess.run(edgesd_cli("synth", "sd1", "--size", size, "-o", checkpoint), check=True)
     for name, options in (("sd15-fp16-opt", {"precision": "fp16", "optimize": "cuda"}),
                           ("sd15-fp16", {"precision": "fp16"})):
-        if timed_export(work, name, lambda out, o=options: export(checkpoint, out, overwrite=True, progress=False,
-                                                                 verify=False, **o)):
+        if timed_export(work, name, lambda out, o=options: export(checkpoint, out, config=config, overwrite=True,
+                                                                 progress=False, verify=False, **o)):
             break
     (work / "export.done").write_text("done\n")
 
@@ -145,19 +148,23 @@ def tensorrt(work: Path, results: list) -> None:
             return
 
 
-def speed(work: Path, results: list, size: int, steps: int, repeats: int, provider: str) -> None:
+def speed(work: Path, results: list, size: int, steps: int, repeats: int, provider: str, wait: float) -> None:
+    deadline = time.monotonic() + wait
+    while not (work / "export.done").exists() and time.monotonic() < deadline:
+        time.sleep(5)  # the export may still be running in the background
     folder = next((work / n for n in ("sd15-fp16-opt", "sd15-fp16") if (work / n).is_dir()), None)
     checkpoint = next(work.glob("sd15-*.safetensors"), None)
     systems = []
     if folder is not None:
         systems += [("edgesd", str(folder), [])]
-        systems += [("edgesd", str(folder), ["--cuda-graph"])] if provider == "cuda" else []
+        systems += [("edgesd", str(folder), ["--cuda-graph"]), ("edgesd", str(folder), ["--no-io-binding"])] \
+            if provider == "cuda" else []
     if checkpoint is not None:
         systems.append(("diffusers", str(checkpoint), []))
     for system, model, extra in systems:
         cmd = [sys.executable, __file__, "one", system, model, "--size", str(size), "--steps", str(steps),
                "--repeats", str(repeats), "--provider", provider, *extra]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("ONE ")]
         record = json.loads(lines[-1][4:]) if lines else {"error": (proc.stdout + proc.stderr)[-1500:]}
         emit(results, {"stage": "speed", "system": system + " ".join(["", *extra]), "model": Path(model).name,
@@ -172,7 +179,8 @@ def run_one(args) -> dict:
         from edgesd import Pipeline
 
         start = time.perf_counter()
-        pipe = Pipeline.from_pretrained(args.model, provider=args.provider, cuda_graph=args.cuda_graph)
+        pipe = Pipeline.from_pretrained(args.model, provider=args.provider, cuda_graph=args.cuda_graph,
+                                        io_binding=False if args.no_io_binding else None)
         load = time.perf_counter() - start
         kwargs = dict(num_inference_steps=args.steps, guidance_scale=7.0, height=args.size, width=args.size,
                       seed=1, sampler="Euler", output_type="np")
@@ -183,7 +191,7 @@ def run_one(args) -> dict:
         import torch
         from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
-        config = reference_config(Path(args.model).parent)
+        config = reference_config(Path(args.model).parent, "sd1-tiny" if "tiny" in Path(args.model).name else "sd1")
         device = "cuda" if args.provider == "cuda" else "cpu"
         start = time.perf_counter()
         pipe = StableDiffusionPipeline.from_single_file(
@@ -219,16 +227,16 @@ def run_one(args) -> dict:
     return record
 
 
-def reference_config(work: Path) -> Path:
+def reference_config(work: Path, name: str) -> Path:
     """SD1.5's config folder with tokenizer files, for diffusers' single-file loader (offline)."""
     import shutil
 
     from edgesd.exporter.tokenizer_files import write_clip_tokenizer
     from edgesd.models.families import CONFIG_ROOT
 
-    folder = work / "sd1-config"
+    folder = work / f"{name}-config"
     if not (folder / "tokenizer").is_dir():
-        shutil.copytree(CONFIG_ROOT / "sd1", folder, dirs_exist_ok=True)
+        shutil.copytree(CONFIG_ROOT / name, folder, dirs_exist_ok=True)
         write_clip_tokenizer(folder / "tokenizer")
     return folder
 
@@ -260,6 +268,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--stages", default="env,parity,tensorrt,speed")
+    p.add_argument("--wait-export", type=float, default=600, help="seconds to wait for a background export")
     p = sub.add_parser("one")
     p.add_argument("system", choices=["edgesd", "diffusers"])
     p.add_argument("model")
@@ -267,6 +276,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--cuda-graph", action="store_true")
+    p.add_argument("--no-io-binding", action="store_true")
     p.add_argument("--provider", default="cuda")
     args = parser.parse_args()
     if args.command == "export":
@@ -278,7 +288,8 @@ def main() -> None:
     results = []
     stages = {"env": lambda: env_facts(results), "parity": lambda: parity(args.work, results, args.provider),
               "tensorrt": lambda: tensorrt(args.work, results),
-              "speed": lambda: speed(args.work, results, args.size, args.steps, args.repeats, args.provider)}
+              "speed": lambda: speed(args.work, results, args.size, args.steps, args.repeats, args.provider,
+                                     args.wait_export)}
     for name in args.stages.split(","):
         try:
             stages[name]()
