@@ -48,10 +48,11 @@ class GenerationResult:
 class Pipeline:
     """A loaded model folder. Thread-safe for concurrent calls: all per-call state is local."""
 
-    def __init__(self, folder: ModelFolder, providers: list, low_memory: bool = False):
+    def __init__(self, folder: ModelFolder, providers: list, low_memory: bool = False, engines=None):
         self.folder = folder
         self.providers = providers
         self.low_memory = bool(low_memory)
+        self.engines = engines  # TensorRT: engines built for a shape profile (runtime/engines.py)
         self.text_encoders = [conditioning.TextEncoder(folder.specs[e.name], ClipTokenizer(folder.path / e.tokenizer),
                                                        self.open_session(e.name))
                               for e in folder.family.text_encoders]
@@ -75,17 +76,31 @@ class Pipeline:
         self.model_hash = source.get("sha256", "")[:10] or None
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, provider: str = "auto", low_memory: bool = False) -> "Pipeline":
+    def from_pretrained(cls, path: str | Path, provider: str = "auto", low_memory: bool = False, *,
+                        profile=None, engine_cache=None, allow_rebuild: bool = False) -> "Pipeline":
         """`low_memory`: hold one component's weights at a time (each is loaded when its stage
         starts and freed when it ends), no memory arenas, and tiled VAE decoding/encoding:
-        the peak is about the largest component instead of all of them, for a reload per stage."""
-        return cls(ModelFolder.open(path), provider_names.resolve(provider), low_memory)
+        the peak is about the largest component instead of all of them, for a reload per stage.
+        TensorRT: `profile` (a ShapeProfile or "512x512") picks built engines, else the ones built
+        last; `engine_cache` is their folder; `allow_rebuild` builds what is missing (runtime/engines.py)."""
+        from edgesd.runtime import engines
+
+        folder = ModelFolder.open(path)
+        engine_set, providers = engines.for_pipeline(
+            folder, provider_names.resolve(provider), explicit=str(provider).lower() == "tensorrt", profile=profile,
+            cache_root=engine_cache, allow_rebuild=allow_rebuild)
+        return cls(folder, providers, low_memory, engine_set)
 
     def open_session(self, component: str):
         """The component's session: opened now, or on first use in low-memory mode."""
+        if self.engines is not None:
+            return self.engines.guarded(component, lambda providers: self._session(component, providers))
+        return self._session(component, self.providers)
+
+    def _session(self, component: str, providers: list):
         if self.low_memory:
-            return LazySession(self.folder, component, self.providers, low_memory_options)
-        return self.folder.session(component, self.providers)
+            return LazySession(self.folder, component, providers, low_memory_options)
+        return self.folder.session(component, providers)
 
     def stage_done(self, stage: str) -> None:
         """Low-memory mode frees a stage's sessions when it ends (reopened if needed again)."""
