@@ -218,6 +218,8 @@ def widened(profile: ShapeProfile, spec, feeds: dict, vae_scale: int) -> ShapePr
     width, height, batch, chunks = profile.width, profile.height, profile.batch, profile.chunks
     for name, value in feeds.items():
         for axis, size in zip(shapes.get(name, ()), getattr(value, "shape", ())):
+            if not isinstance(axis, str):
+                continue
             if axis == "batch":
                 if spec.name == "unet":
                     batch = batch.covering(math.ceil(size / 2))  # its max is 2x images: either way covered
