@@ -145,6 +145,24 @@ def generation_kwargs(args) -> dict:
     return kwargs
 
 
+def engine_profile(model, kwargs: dict, images: int):
+    """The shapes this generation runs (size, hires size, images), so that the TensorRT provider
+    picks built engines covering them. Prompt length is known later: one chunk is assumed here."""
+    from edgesd.runtime import hires, img2img
+    from edgesd.runtime.model_folder import ModelFolder
+    from edgesd.runtime.shape_profiles import Range, ShapeProfile
+
+    if "width" in kwargs and "height" in kwargs:
+        width, height = kwargs["width"], kwargs["height"]
+    elif "init_image" in kwargs:
+        width, height = img2img.default_size(kwargs["init_image"])
+    else:
+        width = height = ModelFolder.open(model).sample_size
+    large = hires.target_size(width, height, kwargs.get("hr_scale", 2.0)) if kwargs.get("enable_hr") else (0, 0)
+    return ShapeProfile(Range(width, width, max(width, large[0])), Range(height, height, max(height, large[1])),
+                        Range(images, images, images))
+
+
 def cmd_generate(args):
     from edgesd.runtime.images import save_png
     from edgesd.runtime.pipeline import Pipeline
@@ -155,7 +173,8 @@ def cmd_generate(args):
     if not out.parent.is_dir():
         raise OutputError(f"{out.parent}: output folder does not exist")
     kwargs = generation_kwargs(args)
-    pipe = Pipeline.from_pretrained(args.model, provider=args.provider, low_memory=args.low_memory,
+    profile = engine_profile(args.model, kwargs, args.batch) if args.provider.lower() in ("auto", "tensorrt") else None
+    pipe = Pipeline.from_pretrained(args.model, provider=args.provider, low_memory=args.low_memory, profile=profile,
                                     engine_cache=args.engine_cache, allow_rebuild=args.allow_rebuild)
     for spec in args.embedding or ():
         path, name = (spec, "") if Path(spec).exists() or ":" not in spec else spec.rsplit(":", 1)  # FILE[:WORD]

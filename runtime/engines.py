@@ -296,23 +296,23 @@ def for_pipeline(folder, providers: list, *, explicit: bool, profile=None, cache
                  allow_rebuild: bool = False, device_id: int = 0, fp16: bool = True, facts=None) -> tuple:
     """(Engines or None, providers) for a pipeline about to open its sessions.
 
-    TensorRT chosen (by name, or by "auto" where the provider exists): the given profile, else the one
-    built last for this folder. Nothing built: with allow_rebuild the folder's sample size, one image,
-    one chunk; else a ProviderError naming `edgesd build-engines` — or, under "auto", the next
-    provider (CUDA) instead, so that auto never starts a build of its own."""
+    TensorRT chosen (by name, or by "auto" where the provider exists): the built profile, the one built
+    last first, that covers `profile` (the shapes the caller needs); without `profile`, the one built
+    last. Nothing suitable built: with allow_rebuild, `profile` (default: the folder's sample size, one
+    image, one chunk) is built on first use; else a ProviderError naming `edgesd build-engines` — or,
+    under "auto", the next provider (CUDA), so that auto never starts a build of minutes."""
     if not providers or providers[0] != TENSORRT:
         return None, providers
-    profile = as_profile(profile)
+    wanted = as_profile(profile)
     facts = facts or _detect(device_id)
     root = Path(cache_root or default_cache_root())
     built = built_profiles(folder, root, facts, fp16)
-    if profile is None and built:
-        profile = built[0]
-    elif profile is None and not allow_rebuild and not explicit:
-        return None, providers[1:]
-    profile = profile or default_profile(folder)
-    if profile not in built and not allow_rebuild:
-        raise not_built(folder, profile, built)
+    covering = [p for p in built if wanted is None or p.covers(wanted)]
+    if not covering and not allow_rebuild:
+        if not explicit:
+            return None, providers[1:]
+        raise not_built(folder, wanted or default_profile(folder), built)
+    profile = covering[0] if covering else wanted or default_profile(folder)
     engines = Engines(folder, profile, root, facts, providers[1:], allow_rebuild, device_id, fp16)
     return engines, providers
 

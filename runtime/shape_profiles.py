@@ -83,6 +83,12 @@ class ShapeProfile:
 
         return f"--profile {spec(self.width, self.height)} --batch {spec(self.batch)} --chunks {spec(self.chunks)}"
 
+    def covers(self, other: "ShapeProfile") -> bool:
+        """Whether every request `other` allows is inside this profile."""
+        return all(mine.min <= theirs.min and theirs.max <= mine.max for mine, theirs in (
+            (self.width, other.width), (self.height, other.height), (self.batch, other.batch),
+            (self.chunks, other.chunks)))
+
     def to_json(self) -> dict:
         return {name: [r.min, r.opt, r.max] for name, r in
                 (("width", self.width), ("height", self.height), ("batch", self.batch), ("chunks", self.chunks))}

@@ -300,6 +300,11 @@ def test_for_pipeline(sd1_layout, tmp_path):
     assert chosen.profile == second and providers == trt
     picked, _ = engines.for_pipeline(folder, trt, explicit=True, profile={"size": "512x512", "batch": "1-4"}, **kwargs)
     assert picked.profile == first
+    covering, _ = engines.for_pipeline(folder, trt, explicit=True, profile={"size": "512x512", "batch": "3"}, **kwargs)
+    assert covering.profile == first  # a built profile that covers what is asked serves it
+    assert engines.for_pipeline(folder, trt, explicit=False, profile="640x640", **kwargs) == (None, trt[1:])
+    widening, _ = engines.for_pipeline(folder, trt, explicit=True, profile="640x640", allow_rebuild=True, **kwargs)
+    assert widening.profile == sp.parse_profile("640x640")
     with pytest.raises(ProviderError) as info:
         engines.for_pipeline(folder, trt, explicit=True, profile="640x640", **kwargs)
     assert "built: 768x768, batch 1, 1 chunk; 512x512, batch 1-4, 1 chunk" in str(info.value)
@@ -413,3 +418,23 @@ def test_build_engines_plumbing(sdxl_layout, tmp_path, monkeypatch, capsys):
     assert main(["build-engines", str(sdxl_layout), "--profile", "1024x1024", "--batch", "1-2", "--cache", str(cache),
                  "-q"]) == 0
     assert "unet: loaded from cache" in capsys.readouterr().out
+
+
+def test_generate_picks_built_engines_that_cover_its_request(sd1_layout, tmp_path, monkeypatch, capsys):
+    from edgesd.runtime.cli import main
+
+    fake_onnxruntime(monkeypatch, ModelFolder.open(sd1_layout))
+    cache = tmp_path / "engines"
+    assert main(["build-engines", str(sd1_layout), "--profile", "512x512", "--batch", "1-2", "--cache", str(cache),
+                 "-q"]) == 0
+    capsys.readouterr()
+    for options, needed in ((["--size", "768x768"], "768x768, batch 1, 1 chunk"),
+                            (["--batch", "3"], "512x512, batch 3, 1 chunk"),
+                            (["--hr-scale", "1.5"], "512x512-768x768, batch 1, 1 chunk")):
+        code = main(["generate", str(sd1_layout), "a cat", "--provider", "tensorrt", "--engine-cache", str(cache),
+                     "-o", str(tmp_path / "out.png"), *options])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1
+        assert f"no TensorRT engines for {needed}" in err and "(built: 512x512, batch 1-2, 1 chunk)" in err
+    assert not (tmp_path / "out.png").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["engines"]
