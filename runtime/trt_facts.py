@@ -58,7 +58,7 @@ def decode_tensorrt_version(number: int) -> str:
 
 def compute_capability(device_id: int = 0) -> str:
     """The GPU's compute capability, "major.minor", from the CUDA runtime or nvidia-smi."""
-    for library in _candidates(CUDART_LIBRARIES, "nvidia.cuda_runtime"):
+    for library in _candidates(CUDART_LIBRARIES, "nvidia"):
         found = _cuda_capability(library, device_id)
         if found:
             return found
