@@ -124,7 +124,13 @@ class EnginePlan:
         return (self.dir / PROFILE_FILE).is_file()
 
     def provider(self) -> tuple:
-        """("TensorrtExecutionProvider", options): an entry of onnxruntime's provider list."""
+        """("TensorrtExecutionProvider", options): an entry of onnxruntime's provider list. Files in an
+        engine folder without profile.json are what an interrupted build left (possibly a truncated
+        engine the provider would try to load): they go before the build starts again."""
+        if not self.built and self.dir.is_dir():
+            for leftover in self.dir.iterdir():
+                if leftover.is_file():
+                    leftover.unlink()
         self.dir.mkdir(parents=True, exist_ok=True)
         Path(self.options["trt_timing_cache_path"]).mkdir(parents=True, exist_ok=True)
         return TENSORRT, dict(self.options)
@@ -293,27 +299,29 @@ def _dims(shape) -> str:
 
 
 def for_pipeline(folder, providers: list, *, explicit: bool, profile=None, cache_root=None,
-                 allow_rebuild: bool = False, device_id: int = 0, fp16: bool = True, facts=None) -> tuple:
+                 allow_rebuild: bool = False, device_id: int = 0, fp16: bool | None = None, facts=None) -> tuple:
     """(Engines or None, providers) for a pipeline about to open its sessions.
 
     TensorRT chosen (by name, or by "auto" where the provider exists): the built profile, the one built
     last first, that covers `profile` (the shapes the caller needs); without `profile`, the one built
     last. Nothing suitable built: with allow_rebuild, `profile` (default: the folder's sample size, one
     image, one chunk) is built on first use; else a ProviderError naming `edgesd build-engines` — or,
-    under "auto", the next provider (CUDA), so that auto never starts a build of minutes."""
+    under "auto", the next provider (CUDA), so that auto never starts a build of minutes.
+    `fp16` None: fp16 engines where built (they are preferred), else fp32 ones (`build-engines --fp32`)."""
     if not providers or providers[0] != TENSORRT:
         return None, providers
     wanted = as_profile(profile)
     facts = facts or _detect(device_id)
     root = Path(cache_root or default_cache_root())
-    built = built_profiles(folder, root, facts, fp16)
-    covering = [p for p in built if wanted is None or p.covers(wanted)]
+    precisions = (True, False) if fp16 is None else (bool(fp16),)
+    built = [(p, half) for half in precisions for p in built_profiles(folder, root, facts, half)]
+    covering = [(p, half) for p, half in built if wanted is None or p.covers(wanted)]
     if not covering and not allow_rebuild:
         if not explicit:
             return None, providers[1:]
-        raise not_built(folder, wanted or default_profile(folder), built)
-    profile = covering[0] if covering else wanted or default_profile(folder)
-    engines = Engines(folder, profile, root, facts, providers[1:], allow_rebuild, device_id, fp16)
+        raise not_built(folder, wanted or default_profile(folder), list(dict.fromkeys(p for p, _ in built)))
+    profile, half = covering[0] if covering else (wanted or default_profile(folder), precisions[0])
+    engines = Engines(folder, profile, root, facts, providers[1:], allow_rebuild, device_id, half)
     return engines, providers
 
 

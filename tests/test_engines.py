@@ -438,3 +438,42 @@ def test_generate_picks_built_engines_that_cover_its_request(sd1_layout, tmp_pat
         assert f"no TensorRT engines for {needed}" in err and "(built: 512x512, batch 1-2, 1 chunk)" in err
     assert not (tmp_path / "out.png").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["engines"]
+
+
+def test_tensorrt_provider(sd1_layout, tmp_path):
+    folder = ModelFolder.open(sd1_layout)
+    profile = sp.parse_profile("512x512", "1-2")
+    with pytest.raises(ProviderError, match="no TensorRT engines for 512x512, batch 1-2, 1 chunk"):
+        engines.tensorrt_provider(folder, "unet", profile, tmp_path, facts=FACTS)
+    name, options = engines.tensorrt_provider(folder, "unet", profile, tmp_path, allow_rebuild=True, facts=FACTS)
+    assert name == "TensorrtExecutionProvider"
+    assert options == engines.EnginePlan(folder, "unet", profile, tmp_path, FACTS, True).options
+    build_records(folder, tmp_path, profile)
+    assert engines.tensorrt_provider(folder, "unet", profile, tmp_path, facts=FACTS) == (name, options)
+
+
+def test_an_interrupted_build_leaves_nothing_to_load(sd1_layout, tmp_path):
+    folder = ModelFolder.open(sd1_layout)
+    plan = engines.EnginePlan(folder, "unet", sp.parse_profile("512x512"), tmp_path, FACTS, True)
+    plan.dir.mkdir(parents=True)
+    (plan.dir / "TensorrtExecutionProvider_TRTKernel_graph_main_0_0_sm89.engine").write_bytes(b"trunc")
+    plan.provider()
+    assert list(plan.dir.iterdir()) == []
+    plan.record(1.0)
+    (plan.dir / "complete.engine").write_bytes(b"engine")
+    plan.provider()
+    assert sorted(p.name for p in plan.dir.iterdir()) == ["complete.engine", "profile.json"]
+
+
+def test_fp32_engines_are_found_and_fp16_preferred(sd1_layout, tmp_path):
+    folder = ModelFolder.open(sd1_layout)
+    trt = ["TensorrtExecutionProvider", "CPUExecutionProvider"]
+    profile = sp.parse_profile("512x512")
+    for component in engines.engine_components(folder):
+        engines.EnginePlan(folder, component, profile, tmp_path, FACTS, False).record(1.0)
+    found, _ = engines.for_pipeline(folder, trt, explicit=True, cache_root=tmp_path, facts=FACTS)
+    assert found.profile == profile and found.fp16 is False
+    assert found.plan("unet").options["trt_fp16_enable"] == "False"
+    build_records(folder, tmp_path, profile)
+    found, _ = engines.for_pipeline(folder, trt, explicit=True, cache_root=tmp_path, facts=FACTS)
+    assert found.fp16 is True
