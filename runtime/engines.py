@@ -291,6 +291,8 @@ class ProfiledSession:
         self._open(engines.plan(self._component, engines.widen(spec, feeds)))
 
     def __getattr__(self, name):  # input_dtypes, input_ranks, output_names, release, spec
+        if name.startswith("_"):  # not yet opened: no recursion through self._session
+            raise AttributeError(name)
         return getattr(self._session, name)
 
 

@@ -19,6 +19,8 @@ import math
 import re
 from dataclasses import dataclass
 
+import numpy as np
+
 from edgesd.errors import InvalidArgumentError
 
 TOKENS_PER_CHUNK = 77  # CLIP's context: 75 prompt tokens + BOS + EOS
@@ -211,7 +213,7 @@ def outside(shapes: dict, feeds: dict) -> list:
     for name, value in feeds.items():
         if name not in shapes:
             continue
-        fed = tuple(getattr(value, "shape", ()))
+        fed = np.shape(value)
         low, _, high = shapes[name]
         if len(fed) != len(low) or any(not lo <= v <= hi for v, lo, hi in zip(fed, low, high)):
             misses.append((name, fed, (low, high)))
@@ -223,7 +225,7 @@ def widened(profile: ShapeProfile, spec, feeds: dict, vae_scale: int) -> ShapePr
     shapes = {t.name: t.shape for t in spec.inputs}
     width, height, batch, chunks = profile.width, profile.height, profile.batch, profile.chunks
     for name, value in feeds.items():
-        for axis, size in zip(shapes.get(name, ()), getattr(value, "shape", ())):
+        for axis, size in zip(shapes.get(name, ()), np.shape(value)):
             if not isinstance(axis, str):
                 continue
             if axis == "batch":

@@ -415,9 +415,9 @@ def test_build_engines_plumbing(sdxl_layout, tmp_path, monkeypatch, capsys):
         pipe.unet.run(sample=np.zeros((6, 4, 128, 128)), timestep=np.float32(1),
                       encoder_hidden_states=np.zeros((6, 77, 2048)), text_embeds=np.zeros((6, 1280)),
                       time_ids=np.zeros((6, 6)))
-    assert main(["build-engines", str(sdxl_layout), "--profile", "1024x1024", "--batch", "1-2", "--cache", str(cache),
-                 "-q"]) == 0
-    assert "unet: loaded from cache" in capsys.readouterr().out
+    assert main(["build-engines", str(sdxl_layout), "--profile", "1024x1024", "--batch", "1-2", "--cache", str(cache)]) == 0
+    shown = capsys.readouterr()
+    assert "unet: loaded from cache" in shown.out and "TensorRT engines: 100%" in shown.err  # the progress bar
 
 
 def test_generate_picks_built_engines_that_cover_its_request(sd1_layout, tmp_path, monkeypatch, capsys):
