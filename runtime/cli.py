@@ -154,6 +154,24 @@ def generation_kwargs(args) -> dict:
     return kwargs
 
 
+def engine_profile(model, kwargs: dict, images: int):
+    """The shapes this generation runs (size, hires size, images), so that the TensorRT provider
+    picks built engines covering them. Prompt length is known later: one chunk is assumed here."""
+    from edgesd.runtime import hires, img2img
+    from edgesd.runtime.model_folder import ModelFolder
+    from edgesd.runtime.shape_profiles import Range, ShapeProfile
+
+    if "width" in kwargs and "height" in kwargs:
+        width, height = kwargs["width"], kwargs["height"]
+    elif "init_image" in kwargs:
+        width, height = img2img.default_size(kwargs["init_image"])
+    else:
+        width = height = ModelFolder.open(model).sample_size
+    large = hires.target_size(width, height, kwargs.get("hr_scale", 2.0)) if kwargs.get("enable_hr") else (0, 0)
+    return ShapeProfile(Range(width, width, max(width, large[0])), Range(height, height, max(height, large[1])),
+                        Range(images, images, images))
+
+
 def cmd_generate(args):
     from edgesd.runtime.images import save_png
     from edgesd.runtime.pipeline import Pipeline
@@ -164,7 +182,10 @@ def cmd_generate(args):
     if not out.parent.is_dir():
         raise OutputError(f"{out.parent}: output folder does not exist")
     kwargs = generation_kwargs(args)
-    pipe = Pipeline.from_pretrained(args.model, provider=args.provider, low_memory=args.low_memory, **gpu_options(args))
+    profile = engine_profile(args.model, kwargs, args.batch) if args.provider.lower() in ("auto", "tensorrt") else None
+    pipe = Pipeline.from_pretrained(args.model, provider=args.provider, low_memory=args.low_memory, profile=profile,
+                                    engine_cache=args.engine_cache, allow_rebuild=args.allow_rebuild,
+                                    **gpu_options(args))
     for spec in args.embedding or ():
         path, name = (spec, "") if Path(spec).exists() or ":" not in spec else spec.rsplit(":", 1)  # FILE[:WORD]
         pipe.load_embedding(path, token=name or None)
@@ -208,6 +229,20 @@ def cmd_demo(args):
     print(f"wrote {path.resolve()}")
     print("columns: " + " | ".join(prompts))
     print("rows: the toy model; the same with its stripes LoRA")
+
+
+def cmd_build_engines(args):
+    from edgesd.runtime import engines
+    from edgesd.runtime.model_folder import ModelFolder
+    from edgesd.runtime.providers import resolve
+    from edgesd.runtime.shape_profiles import parse_profile
+
+    profile = parse_profile(args.profile, args.batch, args.chunks)
+    resolve("tensorrt")  # before anything else: this onnxruntime may have no TensorRT provider
+    folder = ModelFolder.open(args.model)
+    print(f"building TensorRT engines for {profile.text()}")
+    engines.build_engines(folder, profile, args.cache, device_id=args.device_id, fp16=not args.fp32,
+                          progress=not args.quiet)
 
 
 def cmd_info(args):
@@ -360,8 +395,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default=None, help="sampler (default Euler)")
     p.add_argument("--seed", type=int, default=None, help="-1 or absent: random")
     p.add_argument("--provider", default="auto", help="auto, cpu, cuda or tensorrt")
+    p.add_argument("--engine-cache", metavar="DIR", help="TensorRT engine cache (default: $EDGESD_CACHE/engines)")
+    p.add_argument("--allow-rebuild", action="store_true",
+                   help="TensorRT: build engines for shapes outside the built profile (minutes) instead of failing")
     add_gpu_options(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("build-engines", help="build TensorRT engines for a shape profile ahead of time")
+    p.add_argument("model", help="exported model folder")
+    p.add_argument("--profile", required=True, metavar="WxH[-WxH[-WxH]]",
+                   help="image size, or min-max (min-opt-max) sizes in pixels")
+    p.add_argument("--batch", default="1", metavar="N[-M[-K]]", help="images per call, or a range (default 1)")
+    p.add_argument("--chunks", default="1", metavar="N[-M[-K]]",
+                   help="prompt length in 75-token chunks, or a range (default 1)")
+    p.add_argument("--cache", metavar="DIR", help="engine cache (default: $EDGESD_CACHE/engines)")
+    p.add_argument("--device-id", type=int, default=0, help="GPU to build for (default 0)")
+    p.add_argument("--fp32", action="store_true", help="fp32 engines (default: fp16 text encoders and UNet)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_build_engines)
 
     p = sub.add_parser("demo", help="export the embedded toy model (once) and draw a contact sheet")
     p.add_argument("--prompt", action="append", help="a prompt to draw (repeatable; default: six built-in ones)")

@@ -49,10 +49,12 @@ class GenerationResult:
 class Pipeline:
     """A loaded model folder. Thread-safe for concurrent calls: all per-call state is local."""
 
-    def __init__(self, folder: ModelFolder, providers: list, low_memory: bool = False, io_binding: bool | None = None):
+    def __init__(self, folder: ModelFolder, providers: list, low_memory: bool = False, engines=None,
+                 io_binding: bool | None = None):
         self.folder = folder
         self.providers = providers
         self.low_memory = bool(low_memory)
+        self.engines = engines  # TensorRT: engines built for a shape profile (runtime/engines.py)
         self.io_binding = io_binding
         self.text_encoders = [conditioning.TextEncoder(folder.specs[e.name], ClipTokenizer(folder.path / e.tokenizer),
                                                        self.open_session(e.name))
@@ -80,7 +82,8 @@ class Pipeline:
     def from_pretrained(cls, path: str | Path, provider: str = "auto", low_memory: bool = False, *,
                         device_id: int = 0, gpu_mem_limit: int | None = None, arena_extend_strategy: str | None = None,
                         cudnn_conv_algo_search: str | None = None, cuda_graph: bool = False,
-                        io_binding: bool | None = None) -> "Pipeline":
+                        io_binding: bool | None = None, profile=None, engine_cache=None,
+                        allow_rebuild: bool = False) -> "Pipeline":
         """`low_memory`: hold one component's weights at a time (each is loaded when its stage
         starts and freed when it ends), no memory arenas, and tiled VAE decoding/encoding:
         the peak is about the largest component instead of all of them, for a reload per stage.
@@ -89,18 +92,31 @@ class Pipeline:
         `arena_extend_strategy`, `cudnn_conv_algo_search`, and `cuda_graph`, which captures the
         UNet as one CUDA graph (one image size and batch per loaded pipeline). `io_binding`:
         keep inputs and outputs on the device between runs (None: on GPU providers).
+        TensorRT: `profile` (a ShapeProfile or "512x512") picks built engines, else the ones built
+        last; `engine_cache` is their folder; `allow_rebuild` builds what is missing (runtime/engines.py).
         """
+        from edgesd.runtime import engines
+
         providers = provider_names.resolve(provider, device_id=device_id, gpu_mem_limit=gpu_mem_limit,
                                            arena_extend_strategy=arena_extend_strategy,
                                            cudnn_conv_algo_search=cudnn_conv_algo_search, cuda_graph=cuda_graph)
         if cuda_graph and "CUDAExecutionProvider" not in provider_names.names(providers):
             raise InvalidArgumentError("cuda_graph=True needs the cuda provider")
-        return cls(ModelFolder.open(path), providers, low_memory, io_binding)
+        folder = ModelFolder.open(path)
+        engine_set, providers = engines.for_pipeline(
+            folder, providers, explicit=str(provider).lower() == "tensorrt", profile=profile,
+            cache_root=engine_cache, allow_rebuild=allow_rebuild, device_id=device_id)
+        return cls(folder, providers, low_memory, engine_set, io_binding)
 
     def open_session(self, component: str):
         """The component's session: opened now, or on first use in low-memory mode. Only the
         UNet, which runs at every step, is captured as a CUDA graph."""
         providers = self.providers if component == "unet" else provider_names.without_cuda_graph(self.providers)
+        if self.engines is not None:
+            return self.engines.guarded(component, lambda chosen: self._session(component, chosen))
+        return self._session(component, providers)
+
+    def _session(self, component: str, providers: list):
         if self.low_memory:
             return LazySession(self.folder, component, providers, low_memory_options, self.io_binding)
         return self.folder.session(component, providers, io_binding=self.io_binding)

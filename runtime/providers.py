@@ -31,6 +31,13 @@ class ProviderList(list):
 
     requested = "auto"
 
+    def __getitem__(self, index):  # a slice (the fallbacks after the first) keeps what was asked for
+        item = super().__getitem__(index)
+        if isinstance(index, slice):
+            item = ProviderList(item)
+            item.requested = self.requested
+        return item
+
 
 def available() -> list:
     import onnxruntime as ort

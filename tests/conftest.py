@@ -97,3 +97,46 @@ def diffusers_folder(reference_pipeline, workdir):
         type(reference_pipeline)(**dict(reference_pipeline.components, scheduler=scheduler)).save_pretrained(
             folder, safe_serialization=True)
     return folder
+
+
+def write_layout_folder(out, family_name: str):
+    """A model folder with the standard configs of `family_name` and placeholder bytes in place of
+    its graphs (recorded in edgesd.json): enough for everything that reads configs, the contract and
+    the graphs' hashes, without exporting anything."""
+    import json
+
+    from edgesd.models.families import EXPORTED_CONFIG_FILES, get_family, load_configs, sample_size
+    from edgesd.exporter.tokenizer_files import write_clip_tokenizer
+    from edgesd.models.manifest import FORMAT_VERSION, sha256_file, write_manifest
+
+    family = get_family(family_name)
+    source = family.config_dir()
+    configs = load_configs(source)
+    components = {}
+    for name, rels in EXPORTED_CONFIG_FILES.items():
+        if name in configs:
+            for rel in rels:
+                (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                (out / rel).write_text(json.dumps(configs[name]))
+    for spec in family.components(configs):
+        graph = out / spec.path
+        graph.parent.mkdir(parents=True, exist_ok=True)
+        graph.write_bytes(f"placeholder {family_name} {spec.name}".encode())
+        components[spec.name] = {"path": spec.path, "sha256": sha256_file(graph), "precision": "fp32"}
+    for encoder in family.text_encoders:
+        write_clip_tokenizer(out / encoder.tokenizer, pad_token=encoder.pad_token)
+    shutil.copy(source / "model_index.json", out / "model_index.json")
+    write_manifest(out, {"format_version": FORMAT_VERSION, "family": family.name, "variant": "base",
+                         "prediction_type": "epsilon", "sample_size": sample_size(configs), "precision": "fp32",
+                         "components": components, "source": {}, "exporter": {}, "adapters": []})
+    return out
+
+
+@pytest.fixture(scope="session")
+def sd1_layout(workdir):
+    return write_layout_folder(workdir / "sd1-layout", "sd1")
+
+
+@pytest.fixture(scope="session")
+def sdxl_layout(workdir):
+    return write_layout_folder(workdir / "sdxl-layout", "sdxl")
