@@ -13,7 +13,7 @@ import pytest
 
 from edgesd.errors import InvalidArgumentError, ProviderError
 from edgesd.models.contract import TextEncoderSpec
-from edgesd.runtime import engines, shape_profiles as sp, trt_facts
+from edgesd.runtime import engines, providers, shape_profiles as sp, trt_facts
 from edgesd.runtime.model_folder import ModelFolder
 
 FACTS = trt_facts.TensorrtFacts("10.9.0", "8.9")
@@ -372,6 +372,9 @@ def fake_onnxruntime(monkeypatch, folder):
         def get_outputs(self):
             return [SimpleNamespace(name=n) for n in self.spec.output_names]
 
+        def get_providers(self):
+            return [p if isinstance(p, str) else p[0] for p in self.providers]
+
         def run(self, outputs, feed):
             self.feeds.append({k: (v.shape, v.dtype) for k, v in feed.items()})
             return [np.zeros(1, np.float32) for _ in outputs]
@@ -380,6 +383,7 @@ def fake_onnxruntime(monkeypatch, folder):
     monkeypatch.setattr(ort, "get_available_providers",
                         lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
     monkeypatch.setattr(trt_facts, "detect", lambda device_id=0: FACTS)
+    monkeypatch.setattr(providers, "device_of", lambda session: ("cpu", 0))  # no IOBinding on fake sessions
     return sessions
 
 
