@@ -113,7 +113,7 @@ def parity(work: Path, results: list, provider: str) -> None:
                 sampler="DPM++ 2M", schedule="Karras", output_type="np")
     reference = Pipeline.from_pretrained(work / "toy-fp32", provider="cpu")(**args).images
     runs = [("toy-fp32", "fp32", {}), ("toy-fp16", "fp16", {}), ("toy-fp16-opt", "fp16", {}),
-            ("toy-fp16", "fp16", {"cuda_graph": True})]
+            ("toy-fp16", "fp16", {"cuda_graph": True}), ("toy-fp16-opt", "fp16", {"cuda_graph": True})]
     images = {}
     for folder, precision, options in runs:
         label = folder + ("+cuda-graph" if options else "")
