@@ -43,30 +43,33 @@ def edgesd_cli(*args) -> list:
 
 # -- export (before the checks; CPU only) -----------------------------------------------
 
-def export_all(work: Path, size: str) -> None:
-    """The folders the checks use: toy fp32/fp16 (plain and cuda-optimized) and the full-size
-    synthetic SD1.5 in fp16 optimized for CUDA (fp16 without optimization as a fallback)."""
+TOY_FOLDERS = {"toy-fp32": {}, "toy-fp16": {"precision": "fp16"},
+               "toy-fp16-opt": {"precision": "fp16", "optimize": "cuda"}}
+FULL_FOLDERS = {"sd15-fp16-opt": {"precision": "fp16", "optimize": "cuda"}, "sd15-fp16": {"precision": "fp16"}}
+
+
+def export_all(work: Path, size: str, folders: list) -> None:
+    """The folders the checks use: the toy in fp32 and fp16 (plain and cuda-optimized), and the
+    full-size synthetic SD1.5 in fp16 (optimized for CUDA, and plain)."""
     from edgesd.exporter.export import export
     from edgesd.exporter.toy.folders import config_dir
+    from edgesd.models.families import CONFIG_ROOT
     from edgesd.models.toy.artefacts import artefact_path
 
     work.mkdir(parents=True, exist_ok=True)
     toy = artefact_path("checkpoint")
-    for name, options in (("toy-fp32", {}), ("toy-fp16", {"precision": "fp16"}),
-                          ("toy-fp16-opt", {"precision": "fp16", "optimize": "cuda"})):
-        timed_export(work, name, lambda out, o=options: export(toy, out, config=config_dir(), overwrite=True,
-                                                              progress=False, **o))
-    from edgesd.models.families import CONFIG_ROOT
-
+    for name in (n for n in folders if n in TOY_FOLDERS):
+        timed_export(work, name, lambda out, o=TOY_FOLDERS[name]: export(toy, out, config=config_dir(), overwrite=True,
+                                                                         progress=False, **o))
     config = None if size == "full" else CONFIG_ROOT / "sd1-tiny"
     checkpoint = work / f"sd15-{size}.safetensors"
-    if not checkpoint.exists():
+    full = [n for n in folders if n in FULL_FOLDERS]
+    if full and not checkpoint.exists():
         subprocess.run(edgesd_cli("synth", "sd1", "--size", size, "-o", checkpoint), check=True)
-    for name, options in (("sd15-fp16-opt", {"precision": "fp16", "optimize": "cuda"}),
-                          ("sd15-fp16", {"precision": "fp16"})):
-        if timed_export(work, name, lambda out, o=options: export(checkpoint, out, config=config, overwrite=True,
-                                                                 progress=False, verify=False, **o)):
-            break
+    for name in full:
+        timed_export(work, name, lambda out, o=FULL_FOLDERS[name]: export(checkpoint, out, config=config,
+                                                                          overwrite=True, progress=False,
+                                                                          verify=False, **o))
     (work / "export.done").write_text("done\n")
 
 
@@ -152,13 +155,14 @@ def speed(work: Path, results: list, size: int, steps: int, repeats: int, provid
     deadline = time.monotonic() + wait
     while not (work / "export.done").exists() and time.monotonic() < deadline:
         time.sleep(5)  # the export may still be running in the background
-    folder = next((work / n for n in ("sd15-fp16-opt", "sd15-fp16") if (work / n).is_dir()), None)
     checkpoint = next(work.glob("sd15-*.safetensors"), None)
     systems = []
-    if folder is not None:
-        systems += [("edgesd", str(folder), [])]
-        systems += [("edgesd", str(folder), ["--cuda-graph"]), ("edgesd", str(folder), ["--no-io-binding"])] \
-            if provider == "cuda" else []
+    for name in FULL_FOLDERS:
+        if (work / name).is_dir():
+            systems.append(("edgesd", str(work / name), []))
+            if provider == "cuda" and name.endswith("-opt"):  # CUDA graphs need every node on the GPU
+                systems += [("edgesd", str(work / name), ["--cuda-graph"]),
+                            ("edgesd", str(work / name), ["--no-io-binding"])]
     if checkpoint is not None:
         systems.append(("diffusers", str(checkpoint), []))
     for system, model, extra in systems:
@@ -261,6 +265,8 @@ def main() -> None:
     p = sub.add_parser("export")
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--size", default="full", help="full (the benchmark) or tiny (a dry run)")
+    p.add_argument("--folders", default="toy-fp32,toy-fp16,toy-fp16-opt,sd15-fp16-opt",
+                   help=f"comma-separated, from {', '.join([*TOY_FOLDERS, *FULL_FOLDERS])}")
     p = sub.add_parser("checks")
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--provider", default="cuda", help="cuda (cpu: a dry run of the script)")
@@ -280,7 +286,7 @@ def main() -> None:
     p.add_argument("--provider", default="cuda")
     args = parser.parse_args()
     if args.command == "export":
-        export_all(args.work, args.size)
+        export_all(args.work, args.size, args.folders.split(","))
         return
     if args.command == "one":
         print("ONE " + json.dumps(run_one(args)), flush=True)

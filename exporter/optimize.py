@@ -37,12 +37,27 @@ def check_target(target: str | None) -> str | None:
     raise unknown_name("optimization target", target, OPTIMIZATION_TARGETS)
 
 
-def fusion_options(model_type: str, target: str, half: bool):
-    """FusionOptions for one component: CUDA-only fusions off for "cpu", packed attention for fp16 only."""
+# ONNX Runtime's BiasSplitGelu CUDA kernel only takes these GEGLU projection widths (8 x the
+# channels of SD's 320/640/768/1280/1536-wide blocks); narrower models keep the unfused ops.
+BIAS_SPLIT_GELU_WIDTHS = (2560, 5120, 6144, 10240, 12288)
+
+
+def geglu_widths(model) -> set:
+    """Output widths of the UNet's GEGLU projections (`ff.net.0.proj`) in a torch-exported graph."""
+    dims = {t.name: list(t.dims) for t in model.graph.initializer}
+    return {dims[n.input[1]][-1] for n in model.graph.node
+            if n.op_type == "MatMul" and "/ff/net.0/proj/" in n.name and n.input[1] in dims}
+
+
+def fusion_options(model_type: str, target: str, half: bool, widths: set = frozenset()):
+    """FusionOptions for one component: CUDA-only fusions off for "cpu", packed attention for fp16
+    only, BiasSplitGelu only where the kernel takes every GEGLU width."""
     from onnxruntime.transformers.fusion_options import FusionOptions
 
     options = FusionOptions(model_type)
     disabled = CUDA_ONLY_FUSIONS if target == "cpu" else () if half else HALF_ONLY_FUSIONS
+    if not set(widths) <= set(BIAS_SPLIT_GELU_WIDTHS):
+        disabled = (*disabled, "enable_bias_splitgelu")
     for flag in disabled:
         if hasattr(options, flag):
             setattr(options, flag, False)
@@ -57,7 +72,8 @@ def optimize_graph(model, component: str, target: str, half: bool):
     try:
         with _unet_heads_from_graph(), _quiet():
             optimized = optimize_model(model, model_type=model_type, num_heads=0, hidden_size=0, opt_level=0,
-                                       optimization_options=fusion_options(model_type, target, half),
+                                       optimization_options=fusion_options(model_type, target, half,
+                                                                           geglu_widths(model)),
                                        use_gpu=target == "cuda")
     except Exception as e:  # the optimizer raises plain exceptions from deep inside its pattern matchers
         raise ExportError(f"{component}: ONNX Runtime's optimizer failed ({_first_line(e)}); "
