@@ -138,6 +138,18 @@ def parity(work: Path, results: list, provider: str) -> None:
             emit(results, {"stage": "parity", "run": label, "error": f"{type(e).__name__}: {e}"[:600]})
 
 
+def conformance(work: Path, results: list, provider: str) -> None:
+    """`edgesd check` of the toy folders on the GPU provider (golden I/O at the folder's precision)."""
+    for name in TOY_FOLDERS:
+        if (work / name).is_dir():
+            report = work / f"{name}-check.json"
+            proc = subprocess.run(edgesd_cli("check", work / name, "--provider", provider, "--json", report),
+                                  capture_output=True, text=True, timeout=300)
+            emit(results, {"stage": "conformance", "folder": name, "exit": proc.returncode,
+                           "summary": proc.stdout.strip().splitlines()[-1:] if proc.stdout.strip() else
+                           proc.stderr[-400:]})
+
+
 def tensorrt(work: Path, results: list) -> None:
     """Build the toy's engines ahead of time, then time a load that finds them in the cache."""
     cache = work / "engines"
@@ -273,7 +285,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--stages", default="env,parity,tensorrt,speed")
+    p.add_argument("--stages", default="env,parity,conformance,tensorrt,speed")
     p.add_argument("--wait-export", type=float, default=600, help="seconds to wait for a background export")
     p = sub.add_parser("one")
     p.add_argument("system", choices=["edgesd", "diffusers"])
@@ -294,6 +306,7 @@ def main() -> None:
     results = []
     stages = {"env": lambda: env_facts(results), "parity": lambda: parity(args.work, results, args.provider),
               "tensorrt": lambda: tensorrt(args.work, results),
+              "conformance": lambda: conformance(args.work, results, args.provider),
               "speed": lambda: speed(args.work, results, args.size, args.steps, args.repeats, args.provider,
                                      args.wait_export)}
     for name in args.stages.split(","):
