@@ -237,8 +237,21 @@ def transform_graph(spec, path: Path, optimize: str | None, half: bool) -> dict:
         model, records["optimization"] = optimize_graph(model, spec.name, optimize, half)
     if half:
         model, records["fp16"] = convert_to_fp16(model, spec)
-    save_graph(getattr(model, "model", model), path)
+    model.topological_sort()  # the converter appends its Cast nodes at the end
+    save_graph(with_domain_imports(model.model), path)
     return records
+
+
+def with_domain_imports(proto):
+    """Declare every operator domain the graph uses: the optimizer adds contrib ops (com.microsoft)
+    to VAE graphs without importing their domain, which onnxruntime tolerates and the ONNX checker
+    does not."""
+    import onnx
+
+    declared = {o.domain for o in proto.opset_import}
+    for domain in sorted({n.domain for n in proto.graph.node} - declared - {"", "ai.onnx"}):
+        proto.opset_import.append(onnx.helper.make_opsetid(domain, 1))
+    return proto
 
 
 def verify_transformed(spec, loaded, configs: dict, path: Path, entry: dict) -> dict:

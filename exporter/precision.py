@@ -55,8 +55,8 @@ def convert_to_fp16(model, spec):
         wrapped.convert_float_to_float16(keep_io_types=kept_io, op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FP32_OPS],
                                          node_block_list=sorted(kept_nodes))
     except Exception as e:  # the converter raises plain exceptions (shape inference, unknown types)
-        raise ExportError(f"{spec.name}: fp16 conversion failed ({str(e).strip().splitlines()[0][:300] if str(e) else type(e).__name__}); "
-                          "export with --precision fp32") from None
+        reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise ExportError(f"{spec.name}: fp16 conversion failed ({reason}); export with --precision fp32") from None
     # The shapes that symbolic shape inference left in value_info merged the optional inputs' stored
     # defaults ([1, 1, hidden]) with their dynamic axes: onnxruntime would plan buffers by them.
     del wrapped.model.graph.value_info[:]

@@ -63,6 +63,23 @@ def tiny_export(workdir, tiny_checkpoint):
 
 
 @pytest.fixture(scope="session")
+def fp16_cuda_export(workdir, tiny_checkpoint):
+    """The tiny checkpoint as `edgesd export --precision fp16 --optimize cuda` writes it."""
+    from edgesd.exporter.export import export
+
+    out = workdir / "tiny-fp16-cuda"
+    export(tiny_checkpoint, out, config=TINY_CONFIG, progress=False, precision="fp16", optimize="cuda")
+    return out
+
+
+def tiny_specs(folder) -> dict:
+    """The contract of each component of a tiny SD1 folder, by name."""
+    from edgesd.models.families import EXPORTED_CONFIG_FILES, load_configs
+
+    return {s.name: s for s in get_family("sd1").components(load_configs(folder, EXPORTED_CONFIG_FILES))}
+
+
+@pytest.fixture(scope="session")
 def reference_config(workdir):
     """The tiny architecture as a diffusers config folder with tokenizer files, for diffusers' own loaders."""
     from edgesd.exporter.tokenizer_files import write_clip_tokenizer

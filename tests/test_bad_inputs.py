@@ -451,6 +451,14 @@ EXPORT_OPTION_CASES = {
     "LoRA weight NaN": (["-o", "{tmp}/out", "--lora", "{tmp}/file.txt:nan"], "finite"),
     "hypernetwork strength infinite": (["-o", "{tmp}/out", "--hypernetwork", "{tmp}/file.txt:inf"], "finite"),
     "adapter is a folder": (["-o", "{tmp}/out", "--lora", "{tmp}/exists"], "not a folder"),
+    "precision unknown": (["-o", "{tmp}/out", "--precision", "fp8"], "invalid choice: 'fp8' (choose from 'fp32', 'fp16')"),
+    "VAE precision unknown": (["-o", "{tmp}/out", "--vae-precision", "bf16"], "invalid choice: 'bf16' (choose from"),
+    "optimization target unknown": (["-o", "{tmp}/out", "--optimize", "gpu"],
+                                    "invalid choice: 'gpu' (choose from 'cpu', 'cuda')"),
+    "int8 of an fp16 export": (["-o", "{tmp}/out", "--precision", "fp16", "--quantize", "int8"],
+                               "--quantize applies to fp32 graphs"),
+    "int8 of an optimized export": (["-o", "{tmp}/out", "--optimize", "cpu", "--quantize", "int8"],
+                                    "--quantize applies to fp32 graphs without --optimize"),
 }
 
 
@@ -463,6 +471,25 @@ def test_cli_export_bad_option(tiny_checkpoint, tmp_path, run_main, case):
     r = run_main("export", tiny_checkpoint, "--config", TINY_CONFIG, "-q", *args)
     assert_user_error(r, EXPORT_OPTION_CASES[case][1])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists", "file.txt"]
+
+
+EXPORT_API_CASES = {
+    "precision unknown": ({"precision": "fp8"}, "unknown precision 'fp8'. Did you mean 'fp32'? Valid: fp32, fp16"),
+    "VAE precision unknown": ({"vae_precision": "half"}, "unknown VAE precision 'half'. Valid: fp32, fp16"),
+    "optimization target unknown": ({"optimize": "gpu"}, "unknown optimization target 'gpu'. Did you mean 'cpu'? Valid: cpu, cuda"),
+}
+
+
+@requires_exporter
+@pytest.mark.parametrize("case", list(EXPORT_API_CASES))
+def test_api_export_bad_option(tiny_checkpoint, tmp_path, case):
+    from edgesd.exporter.export import export
+
+    kwargs, fragment = EXPORT_API_CASES[case]
+    with pytest.raises(UnknownNameError) as e:
+        export(tiny_checkpoint, tmp_path / "out", config=TINY_CONFIG, progress=False, **kwargs)
+    assert_one_line(e, UnknownNameError, fragment)
+    assert list(tmp_path.iterdir()) == []
 
 
 @requires_exporter

@@ -79,6 +79,7 @@ def check_pipeline(ctx):
     if len(getattr(ctx.family, "text_encoders", None) or ("text_encoder",)) > 1:
         raise CheckSkipped(f"the whole-pipeline comparison uses StableDiffusionPipeline, which does not run "
                            f"{ctx.family.title}; its components were compared")
+    ctx.require_runnable()
     loaded = ctx.loaded()
     precisions = {ctx.precision(c) for c in ("unet", "text_encoder") if c in ctx.specs}
     precision = next((p for p in ("int8", "fp16") if p in precisions), "fp32")  # the loosest one present

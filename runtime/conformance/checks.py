@@ -169,8 +169,18 @@ class Context:
         floats = [ONNX_TYPE_NAMES.get(i.type) for i in session.get_inputs() if "float" in i.type]
         return "fp16" if "float16" in floats else "fp32"
 
+    def require_runnable(self) -> None:
+        """Skip, as not applicable, a check that runs graphs exported for CUDA on a provider without it."""
+        from edgesd.runtime.model_folder import check_optimization_target
+
+        try:
+            check_optimization_target(self.path, (self.raw_manifest or {}).get("optimization"), self.providers)
+        except ModelFolderError as e:
+            raise CheckSkipped(f"not applicable: {e}") from None
+
     def session(self, component: str):
         """An onnxruntime session of the component's graph on the chosen provider (cached)."""
+        self.require_runnable()
         if component not in self._sessions:
             import onnxruntime as ort
 
@@ -651,6 +661,7 @@ def _run_cast(session, feed: dict, output_names: list) -> dict:
 def check_determinism(ctx: Context):
     from edgesd.runtime.pipeline import Pipeline
 
+    ctx.require_runnable()
     ctx.release_sessions()
     pipe = Pipeline.from_pretrained(ctx.path, provider=ctx.provider)
     size = pipe.folder.sample_size
