@@ -370,3 +370,40 @@ def test_against_reapplies_the_recorded_adapters_or_says_which_is_missing(copy, 
     (folder / "style.safetensors").write_bytes(b"another file of the same name")
     with pytest.raises(CheckpointError, match="none with its recorded sha256"):
         ctx.adapter_args()
+
+
+@pytest.mark.parametrize("optimization, provider, diff, passes", [
+    (None, "CPUExecutionProvider", 0.0, True),
+    (None, "CUDAExecutionProvider", 1e-6, False),  # plain graphs must repeat bitwise, on GPUs too
+    ("cuda", "CUDAExecutionProvider", 0.0127, True),  # measured on an H200: fused GroupNorm sums with atomics
+    ("cuda", "CUDAExecutionProvider", 0.05, False),  # still held to the end-to-end tolerance
+])
+def test_determinism_allows_only_cuda_fused_graphs_a_tolerance(tiny_export, monkeypatch, optimization, provider,
+                                                              diff, passes):
+    """The GPU side of e2e.determinism, with the pipeline stubbed (this machine has no GPU)."""
+    from types import SimpleNamespace
+
+    from edgesd.runtime import pipeline
+    from edgesd.runtime.conformance.checks import CheckFailed, Context, check_determinism
+
+    class TwoRuns:
+        folder = SimpleNamespace(sample_size=8, optimization=optimization)
+        calls = 0
+
+        def __init__(self, *args, **kwargs):
+            self.provider = provider
+
+        def __call__(self, **kwargs):
+            TwoRuns.calls += 1
+            return SimpleNamespace(images=np.full((1, 8, 8, 3), 0.5 + diff * (TwoRuns.calls - 1), np.float32))
+
+    monkeypatch.setattr(pipeline.Pipeline, "from_pretrained", classmethod(lambda cls, *a, **k: TwoRuns()))
+    ctx = Context(tiny_export, provider="cpu")
+    monkeypatch.setattr(ctx, "precision", lambda component: "fp16")  # as the measured folder
+    if passes:
+        message, details = check_determinism(ctx)
+        assert details["diff"] == pytest.approx(diff, abs=1e-7)
+        assert ("identical" in message) == (diff == 0)
+    else:
+        with pytest.raises(CheckFailed, match="two runs with seed .* differ"):
+            check_determinism(ctx)

@@ -21,7 +21,7 @@ def run_checks(model, *, provider: str = "auto", against=None, config=None, adap
     missing --against source or export extra); a broken folder gives failed checks instead.
     """
     ctx = Context(model, provider=provider, against=against, config=config, adapter_dirs=adapter_dirs)
-    report = Report(str(model), ctx.providers[0], against=str(against) if against else None)
+    report = Report(str(model), ctx.provider_name, against=str(against) if against else None)
     for check in plan_checks(ctx, only):
         result = check.run(ctx)
         report.results.append(result)

@@ -123,6 +123,7 @@ class Context:
             raise ModelFolderError(f"{self.path}: no such model folder")
         self.provider = provider
         self.providers = providers.resolve(provider)
+        self.provider_name = providers.names(self.providers)[0]
         self.against, self.config = (Path(against) if against else None), config
         self.adapter_dirs = [Path(d) for d in adapter_dirs or ()]
         if self.against is not None:
@@ -618,7 +619,7 @@ def check_golden(ctx: Context, component: str):
     if not errors:
         raise CheckFailed("the graph gives none of the golden outputs")
     worst = max(errors, key=lambda n: errors[n]["relative_error"])
-    details = {"precision": precision, "tolerance": tolerance, "provider": ctx.providers[0], "outputs": errors}
+    details = {"precision": precision, "tolerance": tolerance, "provider": ctx.provider_name, "outputs": errors}
     text = (f"{worst}: max abs {errors[worst]['max_abs_error']:.3g}, relative "
             f"{errors[worst]['relative_error']:.2e} (tolerance {tolerance:g}, {precision})")
     if not errors[worst]["relative_error"] <= tolerance:
@@ -659,6 +660,9 @@ def _run_cast(session, feed: dict, output_names: list) -> dict:
 # -- end to end -----------------------------------------------------------------------------
 
 def check_determinism(ctx: Context):
+    """Two generations with one seed: bitwise identical, except for graphs fused for CUDA, whose
+    GroupNorm kernels sum with atomics (ONNX Runtime has no deterministic version of them): those
+    must agree within the folder's end-to-end tolerance."""
     from edgesd.runtime.pipeline import Pipeline
 
     ctx.require_runnable()
@@ -666,14 +670,19 @@ def check_determinism(ctx: Context):
     pipe = Pipeline.from_pretrained(ctx.path, provider=ctx.provider)
     size = pipe.folder.sample_size
     runs = [pipe(**E2E, output_type="np").images for _ in range(2)]
-    details = {**E2E, "size": size, "provider": pipe.providers[0]}
+    details = {**E2E, "size": size, "provider": pipe.provider}
     if not all(np.all(np.isfinite(r)) for r in runs):
         raise CheckFailed("the image has NaN or inf values", details)
-    if not np.array_equal(runs[0], runs[1]):
-        diff = float(np.max(np.abs(runs[0] - runs[1])))
-        raise CheckFailed(f"two runs with seed {E2E['seed']} differ (max abs {diff:.3g})", dict(details, diff=diff))
+    diff = float(np.max(np.abs(runs[0] - runs[1])))
+    fused = pipe.folder.optimization == "cuda" and pipe.provider != "CPUExecutionProvider"
+    tolerance = PIPELINE_TOLERANCE[ctx.precision("unet")] if fused else 0.0
+    details.update(diff=diff, tolerance=tolerance)
+    if diff > tolerance:
+        raise CheckFailed(f"two runs with seed {E2E['seed']} differ (max abs {diff:.3g}"
+                          + (f", tolerance {tolerance:g} for CUDA-fused graphs)" if fused else ")"), details)
+    agreement = "identical" if diff == 0 else f"within {diff:.3g} (CUDA-fused GroupNorm is not bitwise deterministic)"
     return (f"seed {E2E['seed']}, {E2E['num_inference_steps']} steps {E2E['sampler']} at {size}x{size}: two runs "
-            f"identical, no NaN"), details
+            f"{agreement}, no NaN"), details
 
 
 # -- the plan -------------------------------------------------------------------------------
