@@ -232,9 +232,11 @@ def transform_graph(spec, path: Path, optimize: str | None, half: bool) -> dict:
     from edgesd.exporter.optimize import optimize_graph
     from edgesd.exporter.precision import convert_to_fp16
 
-    model, records = load_graph(path), {}
+    records = {}
     if optimize:
-        model, records["optimization"] = optimize_graph(model, spec.name, optimize, half)
+        model, records["optimization"] = optimize_graph(path, spec.name, optimize, half)
+    else:
+        model = load_graph(path)
     if half:
         model, records["fp16"] = convert_to_fp16(model, spec)
     model.topological_sort()  # the converter appends its Cast nodes at the end

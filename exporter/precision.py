@@ -60,8 +60,9 @@ def convert_to_fp16(model, spec):
         converted = OnnxModel(convert_float_to_float16(
             proto, keep_io_types=kept_io, disable_shape_infer=True, op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FP32_OPS],
             node_block_list=sorted(kept_nodes)))
+        # (ONNX Runtime's wrapper also removes Casts to the same type, which needs shape inference on
+        # a copy of the converted model; the converter inserts Casts only between different types.)
         converted.remove_cascaded_cast_nodes()
-        converted.remove_useless_cast_nodes()
     except Exception as e:  # the converter raises plain exceptions (shape inference, unknown types)
         reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise ExportError(f"{spec.name}: fp16 conversion failed ({reason}); export with --precision fp32") from None
