@@ -165,7 +165,7 @@ def build_folder(source, folder: Path, *, config=None, prediction=None, verify=T
             bar.set_postfix_str(f"{spec.name}: export")
             path = export_component(spec, loaded, configs, folder, opset=OPSET)
             bar.update()
-            entry = {"path": spec.path, "precision": "fp32", **graph_files(spec, path)}
+            entry = record_files({"path": spec.path, "precision": "fp32"}, spec, path)
             if verify:
                 bar.set_postfix_str(f"{spec.name}: verify")
                 entry["verification"] = verify_component(spec, loaded, configs, path)
@@ -173,13 +173,13 @@ def build_folder(source, folder: Path, *, config=None, prediction=None, verify=T
             if optimize or half:
                 bar.set_postfix_str(f"{spec.name}: " + ("optimize" if optimize else "fp16"))
                 entry.update(transform_graph(spec, path, optimize, half), precision="fp16" if half else "fp32")
-                entry.update(graph_files(spec, path))
+                record_files(entry, spec, path)
                 if verify:
                     entry["verification"] = verify_transformed(spec, loaded, configs, path, entry)
             if quantize and spec.name in QUANTIZED_COMPONENTS:
                 bar.set_postfix_str(f"{spec.name}: quantize")
                 entry.update(precision="int8", quantization=quantize_component(path, quantize))
-                entry.update(graph_files(spec, path))
+                record_files(entry, spec, path)
                 if verify:
                     entry["verification"] = verify_component(spec, loaded, configs, path, min_snr_db=MIN_SNR_DB)
             bar.update()
@@ -214,13 +214,15 @@ def build_folder(source, folder: Path, *, config=None, prediction=None, verify=T
     return manifest
 
 
-def graph_files(spec, path: Path) -> dict:
-    """The manifest's record of a component's files: graph sha256, external data and its sha256."""
+def record_files(entry: dict, spec, path: Path) -> dict:
+    """Record in the manifest entry the component's files as they are now: graph sha256, external
+    data and its sha256 (a rewritten graph may have gained or lost its external data)."""
     data = path.parent / EXTERNAL_DATA
-    files = {"sha256": sha256_file(path), "external_data": None}
+    entry.pop("external_data_sha256", None)
+    entry.update(sha256=sha256_file(path), external_data=None)
     if data.exists():
-        files.update(external_data=f"{spec.name}/{EXTERNAL_DATA}", external_data_sha256=sha256_file(data))
-    return files
+        entry.update(external_data=f"{spec.name}/{EXTERNAL_DATA}", external_data_sha256=sha256_file(data))
+    return entry
 
 
 def transform_graph(spec, path: Path, optimize: str | None, half: bool) -> dict:
@@ -232,9 +234,11 @@ def transform_graph(spec, path: Path, optimize: str | None, half: bool) -> dict:
     from edgesd.exporter.optimize import optimize_graph
     from edgesd.exporter.precision import convert_to_fp16
 
-    model, records = load_graph(path), {}
+    records = {}
     if optimize:
-        model, records["optimization"] = optimize_graph(model, spec.name, optimize, half)
+        model, records["optimization"] = optimize_graph(path, spec.name, optimize, half)
+    else:
+        model = load_graph(path)
     if half:
         model, records["fp16"] = convert_to_fp16(model, spec)
     model.topological_sort()  # the converter appends its Cast nodes at the end

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+from pathlib import Path
 
 import numpy as np
 
@@ -64,22 +65,47 @@ def fusion_options(model_type: str, target: str, half: bool, widths: set = froze
     return options
 
 
-def optimize_graph(model, component: str, target: str, half: bool):
-    """Optimize the ModelProto `model` (in place) for `target`; return (OnnxModel, manifest record)."""
+def optimize_graph(path: Path, component: str, target: str, half: bool):
+    """Optimize the graph at `path` for `target`; return (OnnxModel with its weights, manifest record).
+
+    The optimizer runs symbolic shape inference on copies of the whole model, several held at
+    once: with the weights in memory, a full-size UNet needed over 17 GB (5x its size). So the
+    graph is optimized with its weights left in model.onnx_data (onnx reads external data
+    relative to the working directory, hence the chdir) and they are read in afterwards.
+    """
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_model
     from onnxruntime.transformers.optimizer import optimize_model
 
     model_type = MODEL_TYPES[component]
     try:
-        with _unet_heads_from_graph(), _quiet():
-            optimized = optimize_model(model, model_type=model_type, num_heads=0, hidden_size=0, opt_level=0,
+        with _working_directory(path.parent), _unet_heads_from_graph(), _quiet():
+            graph = onnx.load(str(path), load_external_data=False)
+            optimized = optimize_model(graph, model_type=model_type, num_heads=0, hidden_size=0, opt_level=0,
                                        optimization_options=fusion_options(model_type, target, half,
-                                                                           geglu_widths(model)),
+                                                                           geglu_widths(graph)),
                                        use_gpu=target == "cuda")
+            optimized.prune_graph()  # weights the fusions replaced are not read in
     except Exception as e:  # the optimizer raises plain exceptions from deep inside its pattern matchers
         raise ExportError(f"{component}: ONNX Runtime's optimizer failed ({_first_line(e)}); "
                           "export without --optimize") from None
+    load_external_data_for_model(optimized.model, str(path.parent))
     fusions = {op: n for op, n in optimized.get_fused_operator_statistics().items() if n}
     return optimized, {"target": target, "model_type": model_type, "fusions": fusions}
+
+
+@contextlib.contextmanager
+def _working_directory(folder: Path):
+    """The optimizer reads external weights relative to the working directory (contextlib.chdir
+    needs Python 3.11)."""
+    import os
+
+    previous = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
 
 
 @contextlib.contextmanager

@@ -43,27 +43,95 @@ def component_precision(component: str, precision: str, vae_precision: str | Non
 
 
 def convert_to_fp16(model, spec):
-    """Convert the ModelProto or OnnxModel `model` to fp16; return (OnnxModel, manifest record)."""
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST
+    """Convert the ModelProto or OnnxModel `model` to fp16; return (OnnxModel, manifest record).
+
+    The converter needs every value's element type. ONNX Runtime's own wrapper infers them on a
+    copy of the whole model, weights included (a full-size UNet went past 12 GB, 3.5x its size);
+    here they are inferred on a copy without the weights, and the weights are converted in place.
+    """
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    # the optimizer's result is an OnnxModel of the optimizer's own import path: recognised by its method
-    wrapped = model if hasattr(model, "convert_float_to_float16") else OnnxModel(model)
-    kept_nodes = fp32_nodes(wrapped.model.graph, spec, FP32_SCOPES.get(spec.name, ()))
+    proto = getattr(model, "model", model)
+    kept_nodes = fp32_nodes(proto.graph, spec, FP32_SCOPES.get(spec.name, ()))
     kept_io = [t.name for t in (*spec.inputs, *spec.outputs) if t.dtype == "float32"]
     try:
-        wrapped.convert_float_to_float16(keep_io_types=kept_io, op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FP32_OPS],
-                                         node_block_list=sorted(kept_nodes))
+        add_element_types(proto)
+        converted = OnnxModel(convert_float_to_float16(
+            proto, keep_io_types=kept_io, disable_shape_infer=True, op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FP32_OPS],
+            node_block_list=sorted(kept_nodes)))
+        # (ONNX Runtime's wrapper also removes Casts to the same type, which needs shape inference on
+        # a copy of the converted model; the converter inserts Casts only between different types.)
+        converted.remove_cascaded_cast_nodes()
     except Exception as e:  # the converter raises plain exceptions (shape inference, unknown types)
         reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise ExportError(f"{spec.name}: fp16 conversion failed ({reason}); export with --precision fp32") from None
-    # The shapes that symbolic shape inference left in value_info merged the optional inputs' stored
-    # defaults ([1, 1, hidden]) with their dynamic axes: onnxruntime would plan buffers by them.
-    del wrapped.model.graph.value_info[:]
-    present = {n.op_type for n in wrapped.model.graph.node}
+    del converted.model.graph.value_info[:]  # the converter's working types; onnxruntime infers its own
+    present = {n.op_type for n in converted.model.graph.node}
     record = {"fp32_ops": sorted(op for op in FP32_OPS if op in present), "fp32_nodes": len(kept_nodes),
               "fp32_io": kept_io}
-    return wrapped, record
+    return converted, record
+
+
+def add_element_types(proto) -> None:
+    """Record in `proto` the element type (no shape) of every value that symbolic shape inference
+    finds, run on a copy of the graph whose large weights are stubs (dims and type, no data)."""
+    from onnx import TensorProto, ValueInfoProto
+
+    light, stubs = weightless_copy(proto)
+    inference = _inference_without_weights()(light, stubs)
+    inference.infer({})  # values it cannot type stay unrecorded; the converter then keeps them as they are
+    known = {v.name for v in (*proto.graph.input, *proto.graph.output, *proto.graph.value_info)}
+    for value in inference.out_mp_.graph.value_info:
+        if value.name in known or value.type.tensor_type.elem_type == TensorProto.UNDEFINED:
+            continue
+        typed = ValueInfoProto()
+        typed.CopyFrom(value)
+        typed.type.tensor_type.ClearField("shape")
+        proto.graph.value_info.append(typed)
+
+
+def _inference_without_weights():
+    """ONNX Runtime's symbolic shape inference, told that stubbed weights have no known values
+    (it would read every constant input of Add, Mul... in case it is shape arithmetic)."""
+    import onnxruntime.transformers.onnx_model  # noqa: F401 - puts the transformer tools on sys.path
+    from shape_infer_helper import SymbolicShapeInferenceHelper
+
+    class WithoutWeights(SymbolicShapeInferenceHelper):
+        def __init__(self, model, stubs: set):
+            super().__init__(model, auto_merge=True, guess_output_rank=False)
+            self.stubs = stubs
+
+        def _try_get_value(self, node, idx):
+            if idx < len(node.input) and node.input[idx] in self.stubs:
+                return None
+            return super()._try_get_value(node, idx)
+
+    return WithoutWeights
+
+
+def weightless_copy(proto, keep_elements: int = 4096) -> tuple:
+    """(`proto`'s graph with initializers over `keep_elements` elements reduced to their name, type
+    and dims, their names). Small ones, such as shape constants, are kept whole: inference reads
+    their values. Built field by field: copying the model and then dropping weights would copy them."""
+    import math
+
+    from onnx import ModelProto, TensorProto
+
+    light = ModelProto(ir_version=proto.ir_version)
+    light.opset_import.extend(proto.opset_import)
+    light.functions.extend(proto.functions)
+    light.graph.name = proto.graph.name
+    for field in ("node", "input", "output", "value_info"):
+        getattr(light.graph, field).extend(getattr(proto.graph, field))
+    stubs = set()
+    for tensor in proto.graph.initializer:
+        if math.prod(tensor.dims) <= keep_elements:
+            light.graph.initializer.append(tensor)
+        else:
+            light.graph.initializer.append(TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims))
+            stubs.add(tensor.name)
+    return light, stubs
 
 
 def fp32_nodes(graph, spec, scopes: tuple) -> set:

@@ -173,3 +173,24 @@ def test_geglu_widths_are_read_from_the_graph(tiny_export):
     config = json.loads((tiny_export / "unet" / "config.json").read_text())
     # a GEGLU projects to 2 x 4 x the block's channels; this UNet has attention at both widths
     assert geglu_widths(model) == {8 * c for c in config["block_out_channels"]} == {256, 512}
+
+
+def test_graph_with_external_weights_is_optimized_and_converted(tiny_export, tmp_path):
+    """Graphs over 2 GB (the fp32 UNet) keep their weights in model.onnx_data: they are optimized with
+    the weights left there, then converted; the fp16 result fits one file again."""
+    from edgesd.exporter.export import transform_graph
+    from edgesd.exporter.onnx_export import EXTERNAL_DATA
+
+    path = tmp_path / "unet" / "model.onnx"
+    path.parent.mkdir()
+    onnx.save_model(onnx.load(str(tiny_export / "unet" / "model.onnx")), str(path), save_as_external_data=True,
+                    location=EXTERNAL_DATA, size_threshold=0)
+    assert (path.parent / EXTERNAL_DATA).stat().st_size > 1_000_000
+    record = transform_graph(tiny_specs(tiny_export)["unet"], path, "cpu", True)
+    assert record["optimization"]["fusions"]["SkipLayerNormalization"] == 12
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.onnx"]
+    feed = _feed("unet")
+    reference = _run(tiny_export / "unet" / "model.onnx", feed)[0]
+    half = {k: v.astype(np.float16) if k != "timestep" else v for k, v in feed.items()}
+    got = _run(path, half)[0]
+    assert float(np.max(np.abs(got - reference)) / np.max(np.abs(reference))) <= 2e-2
