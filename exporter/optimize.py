@@ -77,7 +77,7 @@ def optimize_graph(path: Path, component: str, target: str, half: bool):
     from onnx.external_data_helper import load_external_data_for_model
     from onnxruntime.transformers.optimizer import optimize_model
 
-    model_type = MODEL_TYPES[component]
+    model_type, path = MODEL_TYPES[component], Path(path).resolve()
     try:
         with _working_directory(path.parent), _unet_heads_from_graph(), _quiet():
             graph = onnx.load(str(path), load_external_data=False)
