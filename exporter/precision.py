@@ -63,6 +63,7 @@ def convert_to_fp16(model, spec):
         # (ONNX Runtime's wrapper also removes Casts to the same type, which needs shape inference on
         # a copy of the converted model; the converter inserts Casts only between different types.)
         converted.remove_cascaded_cast_nodes()
+        drop_repeated_nodes(converted.model.graph)
     except Exception as e:  # the converter raises plain exceptions (shape inference, unknown types)
         reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise ExportError(f"{spec.name}: fp16 conversion failed ({reason}); export with --precision fp32") from None
@@ -71,6 +72,21 @@ def convert_to_fp16(model, spec):
     record = {"fp32_ops": sorted(op for op in FP32_OPS if op in present), "fp32_nodes": len(kept_nodes),
               "fp32_io": kept_io}
     return converted, record
+
+
+def drop_repeated_nodes(graph) -> None:
+    """Remove nodes identical to an earlier one (name, op, inputs, outputs, attributes): ONNX
+    Runtime 1.30's converter inserts the same Cast once per consumer of a float32 island's output,
+    which makes the graph invalid (one output written twice)."""
+    seen, unique = set(), []
+    for node in graph.node:
+        key = node.SerializeToString(deterministic=True)
+        if key not in seen:
+            seen.add(key)
+            unique.append(node)
+    if len(unique) != len(graph.node):
+        del graph.node[:]
+        graph.node.extend(unique)
 
 
 def add_element_types(proto) -> None:

@@ -180,3 +180,21 @@ def test_export_records_precisions(fp16_cuda_export):
     graph = onnx.load(str(fp16_cuda_export / "vae_decoder" / "model.onnx")).graph
     assert {t.data_type for t in graph.initializer if t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16)} == {
         TensorProto.FLOAT}
+
+
+def test_repeated_casts_are_dropped():
+    """onnxruntime 1.30's converter inserted one identical Cast per consumer of an fp32 island's
+    output (seen on a GPU machine): the graph then wrote one output twice and would not load."""
+    from onnx import TensorProto, helper
+
+    from edgesd.exporter.precision import drop_repeated_nodes
+
+    cast = helper.make_node("Cast", ["t"], ["t_cast_to_fp32"], name="t_cast_to_fp32_node", to=TensorProto.FLOAT)
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["t"], name="a"), cast, helper.make_node("Sin", ["t_cast_to_fp32"], ["s"]),
+         cast, helper.make_node("Cos", ["t_cast_to_fp32"], ["c"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in ("s", "c")])
+    drop_repeated_nodes(graph)
+    assert [n.op_type for n in graph.node] == ["Identity", "Cast", "Sin", "Cos"]
+    onnx.checker.check_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
