@@ -1,6 +1,6 @@
 """Train the toy model and its adapters, and write the committed artefacts.
 
-    python -m edgesd.exporter.toy.train            # full run (about 40 min on one busy CPU core)
+    python -m edgesd.exporter.toy.train            # full run (about 25 min on one CPU core)
     python -m edgesd.exporter.toy.train --quick -o /tmp/toy --config /tmp/toy-config
 
 Stages, all seeded (same seed, same machine, same files): VAE; UNet + text encoder; a
@@ -26,13 +26,13 @@ HERE = Path(__file__).resolve().parents[2]
 @dataclass
 class Plan:
     pool: int = 6000
-    vae_steps: int = 600
+    vae_steps: int = 4500
     vae_batch: int = 16
-    unet_steps: int = 1400
+    unet_steps: int = 2500
     unet_batch: int = 32
-    lora_steps: int = 200
-    hyper_steps: int = 200
-    adapter_batch: int = 32
+    lora_steps: int = 300
+    hyper_steps: int = 300
+    adapter_batch: int = 16
 
 
 QUICK = Plan(pool=200, vae_steps=5, unet_steps=5, lora_steps=3, hyper_steps=3)
