@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgesd.errors import InvalidArgumentError, unknown_name
-from edgesd.runtime.validation import check_fraction
+from edgesd.runtime.validation import check_fraction, check_number
 
 LATENT_MODES = {"Latent": "bilinear", "Latent (nearest)": "nearest", "Latent (nearest-exact)": "nearest-exact"}
 IMAGE_UPSCALERS = ("Lanczos", "Nearest")
@@ -29,12 +29,7 @@ class Hires:
 
 
 def check_hires(scale, upscaler, steps, strength, base_steps: int) -> Hires:
-    try:
-        scale = float(scale)
-    except (TypeError, ValueError):
-        raise InvalidArgumentError(f"hr_scale must be a number, got {scale!r}") from None
-    if not 1.0 <= scale <= 8.0:
-        raise InvalidArgumentError(f"hr_scale must be between 1 and 8, got {scale}")
+    scale = check_number("hr_scale", scale, 1.0, 8.0, "between 1 and 8")
     strength = check_fraction("hr_denoising_strength", strength)
     if upscaler not in UPSCALERS:
         raise unknown_name("hires upscaler", upscaler, UPSCALERS)

@@ -155,17 +155,11 @@ class Session:
         self.output_names = [n for n in spec.output_names if n in graph_outputs]
 
     def run(self, outputs: list | None = None, **feeds) -> list:
-        feed = {name: _as_dtype(value, self.input_dtypes[name]) for name, value in feeds.items()}
+        # an array already of the graph's dtype stays the same object: IOBinding keeps read-only ones on the device
+        feed = {name: np.asarray(value, dtype=self.input_dtypes[name]) for name, value in feeds.items()}
         if self.bound is not None:
             return self.bound.run(outputs or self.output_names, feed)
         return self.session.run(outputs or self.output_names, feed)
-
-
-def _as_dtype(value, dtype):
-    """`value` as a `dtype` array; a read-only array of that dtype stays the same object, so
-    IOBinding can keep it on the device across calls."""
-    array = np.asarray(value)
-    return array if array.dtype == dtype else array.astype(dtype)
 
 
 class LazySession:

@@ -111,9 +111,9 @@ class Pipeline:
     def open_session(self, component: str):
         """The component's session: opened now, or on first use in low-memory mode. Only the
         UNet, which runs at every step, is captured as a CUDA graph."""
-        providers = self.providers if component == "unet" else provider_names.without_cuda_graph(self.providers)
         if self.engines is not None:
             return self.engines.guarded(component, lambda chosen: self._session(component, chosen))
+        providers = self.providers if component == "unet" else provider_names.without_cuda_graph(self.providers)
         return self._session(component, providers)
 
     def _session(self, component: str, providers: list):

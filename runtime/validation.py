@@ -3,12 +3,17 @@
 from edgesd.errors import InvalidArgumentError
 
 
-def check_fraction(name: str, value) -> float:
-    """`value` as a float in [0, 1] (a strength); NaN and non-numbers are refused by name."""
+def check_number(name: str, value, low: float, high: float, allowed: str) -> float:
+    """`value` as a float in [low, high] (`allowed` says so in words); NaN and non-numbers are refused by name."""
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise InvalidArgumentError(f"{name} must be a number in [0, 1], got {value!r}") from None
-    if not 0.0 <= number <= 1.0:
-        raise InvalidArgumentError(f"{name} must be in [0, 1], got {number}")
+        raise InvalidArgumentError(f"{name} must be a number {allowed}, got {value!r}") from None
+    if not low <= number <= high:
+        raise InvalidArgumentError(f"{name} must be {allowed}, got {number}")
     return number
+
+
+def check_fraction(name: str, value) -> float:
+    """`value` as a float in [0, 1] (a strength)."""
+    return check_number(name, value, 0.0, 1.0, "in [0, 1]")
