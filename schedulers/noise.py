@@ -8,18 +8,17 @@ the caller draws that from `numpy.random.default_rng(seed)`.
 """
 
 import inspect
-import os
 import math
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from edgesd.errors import InvalidArgumentError
 
+from .normal import fill_standard_normal, parallel
+
 _STEP_STREAM = 0x5EED
 _TREE_STREAM = 0xB7EE
-_TREE_THREADS = min(os.cpu_count() or 1, 8)
 
 
 def image_seeds(seed, batch):
@@ -43,14 +42,13 @@ def gaussian_noise(x, seed=None):
     `seed` is None)."""
     seeds = image_seeds(seed, x.shape[0])
     if seeds is None:
-        rng = np.random.default_rng()
-        return lambda sigma=None, sigma_next=None: rng.standard_normal(x.shape, dtype=np.float32).astype(x.dtype)
-    gens = [np.random.default_rng([_entropy(s), _STEP_STREAM]) for s in seeds]
+        gens = [np.random.PCG64() for _ in range(x.shape[0])]
+    else:
+        gens = [np.random.PCG64(np.random.SeedSequence([_entropy(s), _STEP_STREAM])) for s in seeds]
 
     def draw(sigma=None, sigma_next=None):
         out = np.empty(x.shape, np.float32)
-        for g, row in zip(gens, out):
-            g.standard_normal(out=row, dtype=np.float32)
+        parallel(lambda i: fill_standard_normal(gens[i], out[i]), len(gens))
         return out.astype(x.dtype, copy=False)
 
     return draw
@@ -72,7 +70,7 @@ class BrownianTree:
     def __init__(self, shape, t0, t1, seed, dtype=np.float32, tol=1e-3, max_cache_bytes=64 << 20):
         self.shape, self.dtype = tuple(shape), dtype
         self.t0, self.t1 = (float(t0), float(t1)) if t0 <= t1 else (float(t1), float(t0))
-        self.key = _entropy(seed) | (_TREE_STREAM << 64)
+        self.entropy = _entropy(seed)
         self.geometric = self.t0 > 0
         self.tol = tol if self.geometric else tol * max(self.t1 - self.t0, 1e-300)
         nbytes = max(int(np.prod(self.shape)) * np.dtype(dtype).itemsize, 1)
@@ -82,11 +80,9 @@ class BrownianTree:
         self.w1 = self._normal(0, 0) * np.sqrt(self.t1 - self.t0)
 
     def _normal(self, kind, index):
-        # Philox counter blocks [0, 0, index, kind] are disjoint for distinct nodes.
-        bits = np.random.Philox(key=self.key, counter=[0, 0, index & (2**64 - 1), kind])
-        out = np.empty(self.shape, np.float32)
-        np.random.Generator(bits).standard_normal(out=out, dtype=np.float32)
-        return out.astype(self.dtype, copy=False)
+        # each node's draw has a stream of its own, keyed by (seed, kind, node)
+        bits = np.random.PCG64(np.random.SeedSequence([self.entropy, _TREE_STREAM, kind, index & (2**64 - 1)]))
+        return fill_standard_normal(bits, np.empty(self.shape, np.float32)).astype(self.dtype, copy=False)
 
     @staticmethod
     def _bridge(a, t, b, wa, wb, z):
@@ -150,17 +146,15 @@ def brownian_noise(x, sigma_min, sigma_max, seed=None):
     if seeds is None:
         seeds = [int(s) for s in np.random.default_rng().integers(0, 2**63 - 1, x.shape[0])]
     trees = [BrownianTree(x.shape[1:], sigma_min, sigma_max, s, x.dtype) for s in seeds]
-    # numpy releases the GIL while it draws and adds, so the images' trees walk in parallel
-    pool = ThreadPoolExecutor(min(len(trees), _TREE_THREADS)) if len(trees) > 1 and _TREE_THREADS > 1 else None
 
     def draw(sigma, sigma_next):
         scale = 1.0 / np.sqrt(abs(float(sigma_next) - float(sigma)))
         out = np.empty(x.shape, x.dtype)
 
-        def one(i):
+        def one(i):  # numpy releases the GIL while it draws and adds: the trees walk in parallel
             np.multiply(np.subtract(trees[i](sigma_next), trees[i](sigma), out=out[i]), scale, out=out[i])
 
-        list(pool.map(one, range(len(trees))) if pool else map(one, range(len(trees))))
+        parallel(one, len(trees))
         return out
 
     return draw

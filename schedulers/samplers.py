@@ -19,6 +19,18 @@ def _report(callback, i, sigma, x, denoised):
         callback(i, sigma, x, denoised)
 
 
+def linear_combination(terms):
+    """sum(c * a for c, a in terms), c floats and a arrays of one shape and dtype: one pass
+    per term into a single output, where chained numpy expressions make a temporary each.
+    Multistep updates are linear in the latent and the stored estimates."""
+    (c0, a0), *rest = terms
+    out = np.multiply(a0, float(c0))
+    scratch = np.empty_like(out) if rest else None
+    for c, a in rest:
+        out += np.multiply(a, float(c), out=scratch)
+    return out
+
+
 def to_d(x, sigma, denoised):
     """The probability-flow ODE derivative dx/dsigma = (x - denoised) / sigma."""
     return (x - denoised) / sigma

@@ -12,7 +12,7 @@ import numpy as np
 
 from edgesd.errors import unknown_name
 
-from .samplers import _report
+from .samplers import _report, linear_combination
 
 
 def _coefficients(rks, h, order, variant):
@@ -30,34 +30,36 @@ def _coefficients(rks, h, order, variant):
     return np.array(R), np.array(b), b_h, h_phi_1
 
 
-def _differences(ms, lams, lam_s0, h, order):
-    """Step ratios r_k and scaled differences (m_k - m0) / r_k for the k previous points."""
-    rks, d1s = [], []
-    for k in range(1, order):
-        r = (lams[-(k + 1)] - lam_s0) / h
-        rks.append(r)
-        d1s.append((ms[-(k + 1)] - ms[-1]) / r)
-    return rks + [1.0], d1s
+def _ratios(lams, h, order):
+    """Step ratios r_k of the k previous points, and 1 for the current one."""
+    return [(lams[-(k + 1)] - lams[-1]) / h for k in range(1, order)] + [1.0]
+
+
+def _difference_terms(ms, rks, rhos, b_h):
+    """-b_h * sum_k rho_k (m_k - m0) / r_k as (coefficient, array) terms: the m0 coefficient
+    and one term per previous point."""
+    weights = [b_h * float(rho) / r for rho, r in zip(rhos, rks[:-1])]
+    return sum(weights), [(-w, ms[-(k + 2)]) for k, w in enumerate(weights)]
 
 
 def _predict(x, ms, lams, sigma, sigma_next, order, variant):
     h = math.log(sigma / sigma_next)
-    rks, d1s = _differences(ms, lams, lams[-1], h, order)
+    rks = _ratios(lams, h, order)
     R, b, b_h, h_phi_1 = _coefficients(rks, h, order, variant)
-    x_t = (sigma_next / sigma) * x - h_phi_1 * ms[-1]
-    if d1s:
-        rhos = [0.5] if order == 2 else np.linalg.solve(R[:-1, :-1], b[:-1])
-        x_t = x_t - b_h * sum(float(r) * d for r, d in zip(rhos, d1s))
-    return x_t
+    rhos = [] if order == 1 else [0.5] if order == 2 else np.linalg.solve(R[:-1, :-1], b[:-1])
+    m0, previous = _difference_terms(ms, rks, rhos, b_h)
+    return linear_combination([(sigma_next / sigma, x), (m0 - h_phi_1, ms[-1])] + previous)
 
 
 def _correct(x_prev, m_t, ms, lams, sigma_prev, sigma, order, variant):
     h = math.log(sigma_prev / sigma)
-    rks, d1s = _differences(ms, lams, lams[-1], h, order)
+    rks = _ratios(lams, h, order)
     R, b, b_h, h_phi_1 = _coefficients(rks, h, order, variant)
     rhos = [0.5] if order == 1 else np.linalg.solve(R, b)
-    res = sum((float(r) * d for r, d in zip(rhos[:-1], d1s)), 0.0) + float(rhos[-1]) * (m_t - ms[-1])
-    return (sigma / sigma_prev) * x_prev - h_phi_1 * ms[-1] - b_h * res
+    m0, previous = _difference_terms(ms, rks, rhos[:-1], b_h)
+    rho_t = b_h * float(rhos[-1])
+    return linear_combination([(sigma / sigma_prev, x_prev), (m0 + rho_t - h_phi_1, ms[-1]), (-rho_t, m_t)]
+                              + previous)
 
 
 def unipc(denoise, x, sigmas, *, noise=None, callback=None, order=3, variant="bh1", lower_order_final=True):
