@@ -51,10 +51,11 @@ def prepare(args) -> dict:
     if not paths["diffusers"].exists():
         print("writing the diffusers folder ...", flush=True)
         write_diffusers_folder(paths["checkpoint"], paths["diffusers"])
-    if any(v.startswith("int8") for v in args.variants) and not (cache / "edgesd-int8").exists():
-        print("exporting with edgesd --quantize int8 ...", flush=True)
-        export(paths["checkpoint"], cache / "edgesd-int8", progress=True, quantize="int8")
-    paths["edgesd-int8"] = cache / "edgesd-int8"
+    for folder, options in VARIANT_EXPORTS.items():
+        paths[folder] = cache / folder
+        if any(VARIANTS[v][0] == folder for v in args.variants) and not paths[folder].exists():
+            print(f"exporting with edgesd {options} ...", flush=True)
+            export(paths["checkpoint"], paths[folder], progress=True, **options)
     if args.optimum_python and not paths["optimum"].exists():
         print("exporting with optimum ...", flush=True)
         subprocess.run([args.optimum_python, "-m", "optimum.commands.optimum_cli", "export", "onnx", "--model",
@@ -150,8 +151,12 @@ def main() -> None:
     if args.sdcpp_python:
         systems["sdcpp"] = (args.sdcpp_python, paths["checkpoint"], ())
     peak = matmul_peak_gflops()
+    numpy_s = import_seconds(sys.executable, "import numpy")
+    runtime_s = import_seconds(sys.executable, "from edgesd import Pipeline")
     lines = [f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-             f"Python {platform.python_version()}; numpy float32 matmul peak {peak:.0f} GFLOP/s", ""]
+             f"Python {platform.python_version()}; numpy float32 matmul peak {peak:.0f} GFLOP/s", "",
+             f"Import `from edgesd import Pipeline`: {runtime_s:.2f} s, of which numpy {numpy_s:.2f} s "
+             "(onnxruntime is imported when the first model loads; median of 5 fresh interpreters)", ""]
     for size in args.sizes:
         runs = {s: [] for s in systems}
         images = {}
@@ -175,9 +180,17 @@ def main() -> None:
         (ROOT / "docs" / "benchmarks.md").write_text("# Benchmarks\n\n" + text + "\n")
 
 
-# variant -> (the export it runs, run_one.py options)
+# variant -> (the export it runs, run_one.py options); the exports variants need besides the exact one
 VARIANTS = {"int8": ("edgesd-int8", ()), "low-memory": ("edgesd", ("--low-memory",)),
-            "int8+low-memory": ("edgesd-int8", ("--low-memory",))}
+            "int8+low-memory": ("edgesd-int8", ("--low-memory",)), "optimize-cpu": ("edgesd-optimize-cpu", ())}
+VARIANT_EXPORTS = {"edgesd-int8": {"quantize": "int8"}, "edgesd-optimize-cpu": {"optimize": "cpu"}}
+
+
+def import_seconds(python: str, statement: str, repeats: int = 5) -> float:
+    """Median wall time of `statement` in a fresh interpreter (the cost a user pays at start)."""
+    code = f"import time; t = time.perf_counter(); {statement}; print(time.perf_counter() - t)"
+    return statistics.median(float(subprocess.run([python, "-c", code], capture_output=True, text=True,
+                                                  check=True).stdout) for _ in range(repeats))
 
 
 def quality(images: dict) -> list:
@@ -210,6 +223,11 @@ def report(size: int, runs: dict, peak: float, gflop: float, args) -> list:
                       f"{ours['overhead_s'] * 1e3:.0f} ms = {100 * ours['overhead_s'] / ours['wall_s']:.2f}% of wall",
                   f"UNet: {gflop:.0f} GFLOP per CFG call -> {gflop / ours['unet_step_s']:.0f} GFLOP/s "
                   f"= {100 * gflop / ours['unet_step_s'] / peak:.0f}% of the matmul peak", ""]
+    for system, m in med.items():
+        if "first_s" in m:
+            lines.append(f"{system}: first image after loading {m['first_s'] / m['wall_s']:.2f}x a warm one "
+                         f"(load {m['load_s']:.1f} s)")
+    lines.append("")
     for system in runs:
         if not runs[system]:
             lines.append(f"{system}: no successful run")

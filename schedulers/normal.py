@@ -8,7 +8,6 @@ each image's draw can run in a thread of its own (numpy releases the GIL for bot
 """
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -50,6 +49,8 @@ def parallel(fn, count):
             fn(i)
         return
     if _pool is None:
+        from concurrent.futures import ThreadPoolExecutor  # not at import: it costs the runtime's start
+
         _pool = ThreadPoolExecutor(_THREADS, thread_name_prefix="edgesd-noise")
     for future in [_pool.submit(fn, i) for i in range(count)]:
         future.result()

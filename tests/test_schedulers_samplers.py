@@ -336,6 +336,31 @@ def test_step_noise_differs_from_initial_noise():
     assert abs(np.corrcoef(step.ravel(), init.ravel())[0, 1]) < 0.2
 
 
+def test_step_noise_is_standard_normal_and_independent():
+    from scipy import stats
+
+    draw = S.gaussian_noise(np.zeros((2, 4, 64, 64), np.float32), seed=[5, 6])
+    first, second = draw(1.0, 0.5), draw(0.5, 0.2)
+    assert first.dtype == np.float32 and first.shape == (2, 4, 64, 64)
+    for z in (first[0], first[1], second[0]):  # Box-Muller output: exactly N(0, 1) up to float32
+        assert stats.kstest(z.ravel().astype(np.float64), "norm").pvalue > 1e-3
+        assert abs(stats.kurtosis(z.ravel())) < 0.1
+    pairs = [(first[0], first[1]), (first[0], second[0]), (first[0][0], first[0][1])]
+    assert max(abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) for a, b in pairs) < 0.03
+
+
+def test_step_noise_does_not_depend_on_threads(monkeypatch):
+    from edgesd.schedulers import normal
+
+    x = np.zeros((3, 4, 16, 16), np.float32)
+    draw = S.gaussian_noise(x, seed=[1, 2, 3])
+    threaded = [draw(), draw()]
+    monkeypatch.setattr(normal, "_THREADS", 1)
+    draw = S.gaussian_noise(x, seed=[1, 2, 3])
+    for expected in threaded:
+        np.testing.assert_array_equal(draw(), expected)
+
+
 def test_noise_callable_forms():
     sigmas = S.get_sigmas("Karras", 5, TABLE)
     x = start((1, 4, 3, 3), sigmas[0])

@@ -1,0 +1,116 @@
+"""Export speed and memory: edgesd with two LoRAs and a hypernetwork fused vs optimum's
+plain export of the same full-size SD1.5 model, each in its own process.
+
+    python benchmarks/export_compare.py --optimum-python /path/to/venv-with-optimum/bin/python
+    python benchmarks/export_compare.py --cache /tmp/bench --repeats 1
+
+Uses the checkpoint and diffusers folder of benchmarks/compare.py (same cache, built when
+missing) and writes two synthetic full-size kohya LoRAs and an A1111 hypernetwork beside
+them. Prints wall time, peak RSS (VmHWM of the exporting process) and the ratios; the
+targets are edgesd no slower than optimum and peak RSS <= 2x the checkpoint's size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def child(args) -> None:
+    """Run one export in this process and print its wall time and peak RSS."""
+    from run_one import peak_rss_mb
+
+    start = time.perf_counter()
+    if args.child == "edgesd":
+        from edgesd.runtime.cli import main
+
+        adapters = [a for lora in args.lora for a in ("--lora", lora)]
+        adapters += [a for hyper in args.hypernetwork for a in ("--hypernetwork", hyper)]
+        code = main(["export", args.model, "-o", args.out, "--overwrite", *adapters])
+        if code:
+            raise SystemExit(code)
+    else:
+        from optimum.exporters.onnx import main_export
+
+        main_export(args.model, output=args.out, task="text-to-image")
+    print("RESULT " + json.dumps({"wall_s": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb()}), flush=True)
+
+
+def adapters(cache: Path) -> dict:
+    from edgesd.exporter.adapters.synth import write
+
+    files = {"lora": [cache / "lora-a.safetensors", cache / "lora-b.safetensors"],
+             "hypernetwork": [cache / "hypernetwork.pt"]}
+    for i, path in enumerate(files["lora"]):
+        if not path.exists():
+            write("lora", path, size="full", seed=10 + i)
+    if not files["hypernetwork"][0].exists():
+        write("hypernetwork", files["hypernetwork"][0], size="full", seed=12)
+    return files
+
+
+def run(cmd: list) -> dict | None:
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    print(f"  failed: {' '.join(map(str, cmd[:4]))} ...\n{proc.stderr[-2000:]}", file=sys.stderr)
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", help="benchmarks/compare.py's model cache (default ~/.cache/edgesd/bench)")
+    parser.add_argument("--optimum-python", help="python of an environment with optimum-onnx installed")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--child", choices=("edgesd", "optimum"), help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--lora", action="append", default=[], help=argparse.SUPPRESS)
+    parser.add_argument("--hypernetwork", action="append", default=[], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+
+    import compare
+
+    paths = compare.prepare(argparse.Namespace(cache=args.cache, variants=[], optimum_python=None))
+    files = adapters(compare.cache_dir(args))
+    checkpoint_mb = paths["checkpoint"].stat().st_size / 2**20
+    systems = {"edgesd (2 LoRAs + hypernetwork)": [sys.executable, __file__, "--child", "edgesd", "--model",
+                                                   str(paths["checkpoint"])]
+               + [a for f in files["lora"] for a in ("--lora", str(f))]
+               + [a for f in files["hypernetwork"] for a in ("--hypernetwork", str(f))]}
+    if args.optimum_python:
+        systems["optimum (plain)"] = [args.optimum_python, __file__, "--child", "optimum", "--model",
+                                      str(paths["diffusers"])]
+    runs = {name: [] for name in systems}
+    for rep in range(args.repeats):
+        for name, cmd in (systems.items() if rep % 2 == 0 else reversed(systems.items())):
+            with tempfile.TemporaryDirectory(dir=compare.cache_dir(args)) as tmp:
+                result = run([*cmd, "--out", str(Path(tmp) / "out")])
+            if result:
+                runs[name].append(result)
+                print(f"  rep {rep + 1} {name}: {result['wall_s']:.0f} s, {result['peak_rss_mb']:.0f} MB", flush=True)
+    ours = next(iter(systems))
+    med = {n: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for n, rs in runs.items() if rs}
+    lines = [f"## Export, full-size SD1.5 (checkpoint {checkpoint_mb:.0f} MB, fp16), {args.repeats} run(s) each", "",
+             "| export | wall s | peak RSS MB | RSS / checkpoint | edgesd speed-up |", "|---|---|---|---|---|"]
+    for name, m in med.items():
+        ratio = f"{m['wall_s'] / med[ours]['wall_s']:.2f}x" if ours in med and name != ours else "—"
+        lines.append(f"| {name} | {m['wall_s']:.0f} | {m['peak_rss_mb']:.0f} | "
+                     f"{m['peak_rss_mb'] / checkpoint_mb:.2f}x | {ratio} |")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
