@@ -121,6 +121,13 @@ class Pipeline:
             return LazySession(self.folder, component, providers, low_memory_options, self.io_binding)
         return self.folder.session(component, providers, io_binding=self.io_binding)
 
+    def prefetch_step_noise(self, sampler: str) -> bool:
+        """Draw each step's noise ahead, while the UNet runs: for samplers that take fresh
+        noise at every step, when the UNet runs on a GPU and leaves the host idle (on the
+        CPU provider it would only take cores from the UNet)."""
+        on_gpu = provider_names.names(self.providers)[0] != "CPUExecutionProvider"  # without opening a lazy UNet
+        return on_gpu and schedulers.noise_kind(sampler) == "gaussian"
+
     @property
     def provider(self) -> str:
         """The provider the UNet runs on, as onnxruntime reports it (e.g. CUDAExecutionProvider)."""
@@ -323,7 +330,8 @@ class Pipeline:
         # A1111: with a variation seed every image keeps the seed and the subseeds count up.
         seeds = image_seeds(seed, batch, step=0 if subseed_strength else 1)
         subseeds = image_seeds(subseed, batch) if subseed_strength else None
-        noise = ImageNoise(shape[1:], seeds, rng, subseeds, subseed_strength, ensd)  # one stream per image
+        noise = ImageNoise(shape[1:], seeds, rng, subseeds, subseed_strength, ensd,  # one stream per image
+                           prefetch=self.prefetch_step_noise(sampler))
         initial = noise.first()
         latents = initial if latents is None else np.asarray(latents, dtype=np.float32)
         if latents.shape != shape:
@@ -396,7 +404,7 @@ class Pipeline:
         else:
             pixels = hires.resize_images(self.decode(x, tiling=bool(tiling)), width, height, hr.upscaler)
             latent = np.concatenate([self.encode_image(p[None], bool(tiling)) for p in pixels])
-        noise = ImageNoise(shape[1:], *noise_args)
+        noise = ImageNoise(shape[1:], *noise_args, prefetch=self.prefetch_step_noise(sampler))
         sigmas = schedulers.sigmas_for(sampler, schedule, hr.steps, self.sigma_table)
         sigmas = sigmas[img2img.start_index(hr.steps, hr.strength):]
         x = (latent + noise.first() * np.float32(sigmas[0])).astype(np.float32)

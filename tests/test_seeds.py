@@ -179,3 +179,32 @@ def test_cli_exposes_rng_and_variation_options(tiny_export, tmp_path):
     text = Image.open(out).info["parameters"]
     for part in ("Seed: 4", "Variation seed: 8", "Variation seed strength: 0.25", "ENSD: 7", "RNG: NV"):
         assert part in text
+
+
+@pytest.mark.parametrize("rng, ensd", [("cpu", 0), ("nv", 0), ("cpu", 31337)])
+def test_prefetched_step_noise_is_the_same_stream(rng, ensd):
+    """On GPU providers the next step's noise is drawn on a background thread while the UNet
+    runs; the numbers and their order must not change."""
+    from edgesd.runtime.seeds import ImageNoise
+
+    plain = ImageNoise((4, 8, 8), [3, 4], rng, ensd=ensd)
+    ahead = ImageNoise((4, 8, 8), [3, 4], rng, ensd=ensd, prefetch=True)
+    np.testing.assert_array_equal(plain.first(), ahead.first())
+    assert ahead._pending is not None
+    for _ in range(4):
+        np.testing.assert_array_equal(plain.next(), ahead.next())
+        assert ahead._pending is not None  # the following draw is already under way
+    assert plain._pending is None
+
+
+def test_step_noise_is_prefetched_only_for_ancestral_samplers_on_gpu():
+    from types import SimpleNamespace
+
+    from edgesd.runtime.pipeline import Pipeline
+
+    gpu = SimpleNamespace(providers=[("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"])
+    cpu = SimpleNamespace(providers=["CPUExecutionProvider"])
+    assert Pipeline.prefetch_step_noise(gpu, "Euler a") and Pipeline.prefetch_step_noise(gpu, "LCM")
+    assert not Pipeline.prefetch_step_noise(gpu, "DPM++ 2M")  # no step noise to draw
+    assert not Pipeline.prefetch_step_noise(gpu, "DPM++ 2M SDE")  # Brownian tree, not the image streams
+    assert not Pipeline.prefetch_step_noise(cpu, "Euler a")  # it would take cores from the UNet
