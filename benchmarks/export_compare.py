@@ -46,15 +46,19 @@ def child(args) -> None:
 
 
 def adapters(cache: Path) -> dict:
-    from edgesd.exporter.adapters.synth import write
+    """Two kohya LoRAs (one LoCon with conv layers) and an A1111 hypernetwork for the
+    full-size model, with weights small enough to keep its activations finite (the test
+    suite's synthetic adapters are sized for the tiny model)."""
+    from edgesd.exporter.adapters.synth import base_model, write_hypernetwork, write_kohya_lora
 
     files = {"lora": [cache / "lora-a.safetensors", cache / "lora-b.safetensors"],
              "hypernetwork": [cache / "hypernetwork.pt"]}
-    for i, path in enumerate(files["lora"]):
-        if not path.exists():
-            write("lora", path, size="full", seed=10 + i)
-    if not files["hypernetwork"][0].exists():
-        write("hypernetwork", files["hypernetwork"][0], size="full", seed=12)
+    if all(f.exists() for fs in files.values() for f in fs):
+        return files
+    model = base_model("sd1", "full")
+    write_kohya_lora(model, files["lora"][0], seed=10, conv=False, std=0.02)
+    write_kohya_lora(model, files["lora"][1], seed=11, conv=True, std=0.02)
+    write_hypernetwork(model, files["hypernetwork"][0], seed=12, std=0.01)
     return files
 
 

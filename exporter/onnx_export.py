@@ -192,6 +192,9 @@ def verify_component(spec, model, configs: dict, path: Path, *, tolerance: float
         got = session.run(spec.output_names, feed)
         for name, e, g in zip(spec.output_names, expected, got):
             e = e.detach().double().numpy()
+            if not np.isfinite(e).all():
+                raise ExportError(f"{spec.name}: output {name} is not finite in torch either: the weights overflow "
+                                  "(with adapters fused, lower their strengths)")
             if e.shape != g.shape:
                 raise ExportError(f"{spec.name}: output {name} has shape {g.shape} in ONNX, {e.shape} in torch")
             err = float(np.max(np.abs(g.astype(np.float64) - e)))

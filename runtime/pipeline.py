@@ -121,12 +121,16 @@ class Pipeline:
             return LazySession(self.folder, component, providers, low_memory_options, self.io_binding)
         return self.folder.session(component, providers, io_binding=self.io_binding)
 
-    def prefetch_step_noise(self, sampler: str) -> bool:
-        """Draw each step's noise ahead, while the UNet runs: for samplers that take fresh
-        noise at every step, when the UNet runs on a GPU and leaves the host idle (on the
-        CPU provider it would only take cores from the UNet)."""
-        on_gpu = provider_names.names(self.providers)[0] != "CPUExecutionProvider"  # without opening a lazy UNet
-        return on_gpu and schedulers.noise_kind(sampler) == "gaussian"
+    @property
+    def host_idle_during_unet(self) -> bool:
+        """True when the UNet runs on a GPU: the next step's noise is then drawn on a
+        background thread while it runs (on the CPU provider that would only take cores
+        from the UNet)."""
+        return provider_names.names(self.providers)[0] != "CPUExecutionProvider"  # without opening a lazy UNet
+
+    def prefetch_image_noise(self, sampler: str) -> bool:
+        """Draw the images' step noise ahead: on a GPU, for samplers that take some at each step."""
+        return self.host_idle_during_unet and schedulers.noise_kind(sampler) == "gaussian"
 
     @property
     def provider(self) -> str:
@@ -331,7 +335,7 @@ class Pipeline:
         seeds = image_seeds(seed, batch, step=0 if subseed_strength else 1)
         subseeds = image_seeds(subseed, batch) if subseed_strength else None
         noise = ImageNoise(shape[1:], seeds, rng, subseeds, subseed_strength, ensd,  # one stream per image
-                           prefetch=self.prefetch_step_noise(sampler))
+                           prefetch=self.prefetch_image_noise(sampler))
         initial = noise.first()
         latents = initial if latents is None else np.asarray(latents, dtype=np.float32)
         if latents.shape != shape:
@@ -362,7 +366,7 @@ class Pipeline:
             if job.mask is not None:
                 denoise = img2img.masked_denoiser(denoise, job.latent, job.mask.latent)
         x = schedulers.sample(sampler, denoise, x, sigmas, seed=seeds, noise=step_noise, callback=callback,
-                              **sampler_options)
+                              noise_ahead=self.host_idle_during_unet, **sampler_options)
         if job is not None and job.mask is not None:
             x = x * job.mask.latent + job.latent * (1 - job.mask.latent)
         x = (x * out_scale).astype(np.float32)
@@ -404,13 +408,13 @@ class Pipeline:
         else:
             pixels = hires.resize_images(self.decode(x, tiling=bool(tiling)), width, height, hr.upscaler)
             latent = np.concatenate([self.encode_image(p[None], bool(tiling)) for p in pixels])
-        noise = ImageNoise(shape[1:], *noise_args, prefetch=self.prefetch_step_noise(sampler))
+        noise = ImageNoise(shape[1:], *noise_args, prefetch=self.prefetch_image_noise(sampler))
         sigmas = schedulers.sigmas_for(sampler, schedule, hr.steps, self.sigma_table)
         sigmas = sigmas[img2img.start_index(hr.steps, hr.strength):]
         x = (latent + noise.first() * np.float32(sigmas[0])).astype(np.float32)
         step_noise = noise.next if schedulers.noise_kind(sampler) == "gaussian" else None
         x = schedulers.sample(sampler, denoise, x, sigmas, seed=noise.seeds, noise=step_noise, callback=callback,
-                              **sampler_options)
+                              noise_ahead=self.host_idle_during_unet, **sampler_options)
         return (x * schedulers.latent_scales(sampler, sigmas, schedule)[1]).astype(np.float32)
 
     # -- img2img ----------------------------------------------------------------------

@@ -21,6 +21,7 @@ from edgesd import schedulers
 from edgesd.errors import InvalidArgumentError
 from edgesd.runtime.rng import SOURCES, make_generator, slerp
 from edgesd.runtime.validation import check_fraction
+from edgesd.schedulers.normal import background
 
 U64 = 2**64
 RNG_LABELS = {"cpu": "CPU", "nv": "NV"}  # A1111's "Random number generator source" names
@@ -52,7 +53,7 @@ class ImageNoise:
         if self.ensd:
             self.generators = [make_generator((s + self.ensd) % U64, self.rng) for s in self.seeds]
         if self.prefetch:  # the first step's noise, while the text encoder and the first UNet call run
-            self._pending = _background().submit(self._draw)
+            self._pending = background(self._draw)
         return np.stack(rows)
 
     def next(self, *_) -> np.ndarray:
@@ -63,24 +64,11 @@ class ImageNoise:
         else:
             out = self._draw()
         if self.prefetch:
-            self._pending = _background().submit(self._draw)
+            self._pending = background(self._draw)
         return out
 
     def _draw(self) -> np.ndarray:
         return np.stack([g.randn(self.shape) for g in self.generators])
-
-
-_executor = None
-
-
-def _background():
-    """One shared worker thread: draws are queued, never run two at a time for one stream."""
-    global _executor
-    if _executor is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _executor = ThreadPoolExecutor(1, thread_name_prefix="edgesd-step-noise")
-    return _executor
 
 
 def check_variation(subseed_strength, ensd) -> tuple:

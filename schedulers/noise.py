@@ -15,7 +15,7 @@ import numpy as np
 
 from edgesd.errors import InvalidArgumentError
 
-from .normal import fill_standard_normal, parallel
+from .normal import background, fill_standard_normal, parallel
 
 _STEP_STREAM = 0x5EED
 _TREE_STREAM = 0xB7EE
@@ -139,15 +139,25 @@ class BrownianTree:
         return self._bridge(a, t, b, wa, wb, self._normal(2, int(np.float64(t).view(np.uint64))))
 
 
-def brownian_noise(x, sigma_min, sigma_max, seed=None):
+def brownian_noise(x, sigma_min, sigma_max, seed=None, lookahead=None):
     """k-diffusion's BrownianTreeNoiseSampler: (W(sigma_next) - W(sigma)) / sqrt(|step|),
-    one tree per image, on [sigma_min, sigma_max]."""
+    one tree per image, on [sigma_min, sigma_max].
+
+    `lookahead`, the schedule's sigmas, makes each draw start walking the trees to the next
+    noise level on a background thread, for when the caller's denoiser leaves the host
+    idle (a GPU UNet); the values are the same, only computed earlier."""
     seeds = image_seeds(seed, x.shape[0])
     if seeds is None:
         seeds = [int(s) for s in np.random.default_rng().integers(0, 2**63 - 1, x.shape[0])]
     trees = [BrownianTree(x.shape[1:], sigma_min, sigma_max, s, x.dtype) for s in seeds]
+    levels = None if lookahead is None else sorted({float(s) for s in lookahead if s > 0}, reverse=True)
+    pending = None
 
     def draw(sigma, sigma_next):
+        nonlocal pending
+        if pending is not None:  # the trees are not thread-safe: one walk at a time
+            pending.result()
+            pending = None
         scale = 1.0 / np.sqrt(abs(float(sigma_next) - float(sigma)))
         out = np.empty(x.shape, x.dtype)
 
@@ -155,6 +165,10 @@ def brownian_noise(x, sigma_min, sigma_max, seed=None):
             np.multiply(np.subtract(trees[i](sigma_next), trees[i](sigma), out=out[i]), scale, out=out[i])
 
         parallel(one, len(trees))
+        lower = min(float(sigma), float(sigma_next))
+        following = next((s for s in levels if s < lower), None) if levels else None
+        if following is not None:
+            pending = background(lambda: parallel(lambda i: trees[i](following), len(trees)))
         return out
 
     return draw

@@ -14,7 +14,7 @@ import numpy as np
 _ONE_BITS = np.uint32(0x3F800000)  # the bits of float32 1.0
 _TWO, _MINUS_TWO, _TWO_PI = np.float32(2), np.float32(-2), np.float32(2 * np.pi)
 _THREADS = min(os.cpu_count() or 1, 8)
-_pool = None
+_pool = _ahead = None
 
 
 def fill_standard_normal(bit_generator, out):
@@ -54,3 +54,14 @@ def parallel(fn, count):
         _pool = ThreadPoolExecutor(_THREADS, thread_name_prefix="edgesd-noise")
     for future in [_pool.submit(fn, i) for i in range(count)]:
         future.result()
+
+
+def background(fn):
+    """Start fn() on a single shared worker thread (work done ahead while the caller waits
+    on something else) and return its future."""
+    global _ahead
+    if _ahead is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _ahead = ThreadPoolExecutor(1, thread_name_prefix="edgesd-ahead")
+    return _ahead.submit(fn)

@@ -257,14 +257,16 @@ def _check_number_option(key: str, value, default) -> None:
         raise InvalidArgumentError(f"{key} must be a finite number, got {value!r}")
 
 
-def sample(sampler, denoise, x, sigmas, *, seed=None, noise=None, callback=None, **options):
+def sample(sampler, denoise, x, sigmas, *, seed=None, noise=None, callback=None, noise_ahead=False, **options):
     """Run `sampler` from latent `x` (already at noise level sigmas[0]) down the `sigmas`.
 
     `denoise(x, sigma)` returns the clean-latent estimate. Stochastic samplers draw their
     noise from `noise` if given (a callable taking no argument or (sigma, sigma_next)),
     else from per-image streams seeded by `seed` (an int n -> n, n+1, ... per image, or one
     int per image), else from fresh entropy. The SDE samplers use a Brownian tree so their
-    noise does not depend on the step count. Returns the final latent (VE space).
+    noise does not depend on the step count; `noise_ahead` walks it to the next noise level
+    on a background thread while `denoise` runs (worth it when `denoise` leaves the host
+    idle, as a GPU model does). Returns the final latent (VE space).
     """
     name = resolve_sampler(sampler)
     spec = _SAMPLERS[name]
@@ -284,7 +286,7 @@ def sample(sampler, denoise, x, sigmas, *, seed=None, noise=None, callback=None,
         noise_fn = as_noise_sampler(noise, x)
     elif spec.noise == "brownian":
         positive = sigmas[sigmas > 0]
-        noise_fn = brownian_noise(x, positive.min(), positive.max(), seed)
+        noise_fn = brownian_noise(x, positive.min(), positive.max(), seed, lookahead=sigmas if noise_ahead else None)
     else:
         noise_fn = gaussian_noise(x, seed)
     return spec.fn(denoise, x, sigmas, noise=noise_fn, callback=callback, **options)

@@ -450,3 +450,13 @@ def test_old_diffusers_layout_fuses_like_diffusers(tiny_checkpoint, reference_co
         for key in a:
             if a[key].is_floating_point():
                 assert torch.allclose(a[key], b[key], atol=TOL_WEIGHTS, rtol=0), key
+
+
+def test_adapters_that_overflow_the_model_are_named_not_blamed_on_onnx(tiny_checkpoint, files, tmp_path):
+    from edgesd.errors import ExportError
+    from edgesd.exporter.export import export
+
+    with pytest.raises(ExportError, match="not finite in torch either.*lower their strengths"):
+        export(tiny_checkpoint, tmp_path / "out", config=TINY_CONFIG, progress=False,
+               loras=[f"{files['lora']}:1e30:1e30"])
+    assert not (tmp_path / "out").exists()

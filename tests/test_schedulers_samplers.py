@@ -414,6 +414,15 @@ def test_brownian_noise_does_not_depend_on_step_count():
     assert np.abs(a - b).mean() < 0.5 * np.abs(a - c).mean()
 
 
+@pytest.mark.parametrize("sampler", ["DPM++ SDE", "DPM++ 2M SDE", "DPM++ 3M SDE"])
+def test_brownian_lookahead_changes_nothing(sampler):
+    """noise_ahead walks the trees to the next level on a background thread: same images."""
+    sigmas = S.sigmas_for(sampler, "Automatic", 8, TABLE)
+    x = start((2, 4, 8, 8), sigmas[0])
+    expected = S.sample(sampler, DENOISE, x, sigmas, seed=[3, 4])
+    np.testing.assert_array_equal(S.sample(sampler, DENOISE, x, sigmas, seed=[3, 4], noise_ahead=True), expected)
+
+
 # --- options, errors, callback ----------------------------------------------------------------
 
 

@@ -202,9 +202,15 @@ def test_step_noise_is_prefetched_only_for_ancestral_samplers_on_gpu():
 
     from edgesd.runtime.pipeline import Pipeline
 
-    gpu = SimpleNamespace(providers=[("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"])
-    cpu = SimpleNamespace(providers=["CPUExecutionProvider"])
-    assert Pipeline.prefetch_step_noise(gpu, "Euler a") and Pipeline.prefetch_step_noise(gpu, "LCM")
-    assert not Pipeline.prefetch_step_noise(gpu, "DPM++ 2M")  # no step noise to draw
-    assert not Pipeline.prefetch_step_noise(gpu, "DPM++ 2M SDE")  # Brownian tree, not the image streams
-    assert not Pipeline.prefetch_step_noise(cpu, "Euler a")  # it would take cores from the UNet
+    def pipe(providers):
+        stub = SimpleNamespace(providers=providers)
+        stub.host_idle_during_unet = Pipeline.host_idle_during_unet.fget(stub)
+        return stub
+
+    gpu = pipe([("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"])
+    cpu = pipe(["CPUExecutionProvider"])
+    assert gpu.host_idle_during_unet and not cpu.host_idle_during_unet
+    assert Pipeline.prefetch_image_noise(gpu, "Euler a") and Pipeline.prefetch_image_noise(gpu, "LCM")
+    assert not Pipeline.prefetch_image_noise(gpu, "DPM++ 2M")  # no step noise to draw
+    assert not Pipeline.prefetch_image_noise(gpu, "DPM++ 2M SDE")  # Brownian tree, not the image streams
+    assert not Pipeline.prefetch_image_noise(cpu, "Euler a")  # it would take cores from the UNet
