@@ -7,6 +7,7 @@ repetitions; medians and ratios are printed (and written to docs/ with --write-d
     python benchmarks/compare.py --sizes 256 --repeats 3
     python benchmarks/compare.py --optimum-python /path/to/venv-with-optimum/bin/python
     python benchmarks/compare.py --variants int8 low-memory int8+low-memory   # edgesd's opt-in modes too
+    python benchmarks/compare.py --variants tiny-vae   # TAESD decoding (export --tiny-vae)
 
 Peers that are not installed are skipped and reported as such.
 """
@@ -55,6 +56,13 @@ def prepare(args) -> dict:
         print("exporting with edgesd --quantize int8 ...", flush=True)
         export(paths["checkpoint"], cache / "edgesd-int8", progress=True, quantize="int8")
     paths["edgesd-int8"] = cache / "edgesd-int8"
+    if "tiny-vae" in args.variants and not (cache / "edgesd-taesd").exists():
+        from edgesd.exporter.synth import write_synthetic_tiny_vae
+
+        print("exporting with edgesd --tiny-vae (synthetic TAESD decoder) ...", flush=True)
+        taesd = write_synthetic_tiny_vae(cache / "taesd_decoder.safetensors", seed=0)
+        export(paths["checkpoint"], cache / "edgesd-taesd", progress=True, tiny_vae=taesd)
+    paths["edgesd-taesd"] = cache / "edgesd-taesd"
     if args.optimum_python and not paths["optimum"].exists():
         print("exporting with optimum ...", flush=True)
         subprocess.run([args.optimum_python, "-m", "optimum.commands.optimum_cli", "export", "onnx", "--model",
@@ -177,7 +185,8 @@ def main() -> None:
 
 # variant -> (the export it runs, run_one.py options)
 VARIANTS = {"int8": ("edgesd-int8", ()), "low-memory": ("edgesd", ("--low-memory",)),
-            "int8+low-memory": ("edgesd-int8", ("--low-memory",))}
+            "int8+low-memory": ("edgesd-int8", ("--low-memory",)),
+            "tiny-vae": ("edgesd-taesd", ("--tiny-vae",))}  # random TAESD weights: its PSNR means nothing
 
 
 def quality(images: dict) -> list:

@@ -49,7 +49,7 @@ def cmd_export(args):
                       tiny_vae=args.tiny_vae)
     print(f"exported {manifest['family']} ({manifest['variant']}, {manifest['prediction_type']}) to {args.output}")
     for name, entry in manifest["components"].items():
-        print(f"  {name:13s} verified: {verification_text(entry)}")
+        print(f"  {name:16s} verified: {verification_text(entry)}")
     print_adapters(manifest)
 
 
@@ -269,7 +269,7 @@ def cmd_info(args):
         present = "present" if folder.has(spec.name) else "absent"
         ins = ", ".join(f"{t.name}{list(t.shape)}" for t in spec.inputs)
         outs = ", ".join(f"{t.name}{list(t.shape)}" for t in spec.outputs)
-        print(f"  {spec.name:13s} {present:8s} {ins} -> {outs}")
+        print(f"  {spec.name:16s} {present:8s} {ins} -> {outs}")
     if folder.manifest:
         print_adapters(folder.manifest)
     if folder.manifest and args.json:

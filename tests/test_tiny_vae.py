@@ -191,7 +191,7 @@ def test_optimized_and_fp16_tiny_graphs_match_torch(tiny_vae_export, reference_t
     model = SimpleNamespace(tiny_vae=reference_tiny, vae=SimpleNamespace(config=SimpleNamespace(scaling_factor=0.18215)))
     check = verify_component(spec, model, configs, path, tolerance=2e-2 if half else 1e-3)
     assert ("fp16" in records) == half and ("optimization" in records) == bool(optimize)
-    assert check["relative_error"] <= (2e-2 if half else 1e-5)
+    assert check["relative_error"] <= (2e-2 if half else 1e-3)
 
 
 def test_tiny_vae_follows_vae_precision_else_precision():
