@@ -53,9 +53,9 @@ def export(source, out, *, config=None, prediction=None, overwrite: bool = False
     hypernetworks = [parse_hypernetwork_arg(a) for a in hypernetworks]
     check_adapter_files(loras, hypernetworks)
     if tiny_vae is not None:
-        from edgesd.exporter.checkpoint import check_file
+        from edgesd.exporter.tiny_vae import read_source
 
-        check_file(tiny_vae)  # a missing file fails before the model is loaded
+        tiny_vae = read_source(tiny_vae)  # a missing file or a wrong layout fails before the model is loaded
     out = Path(out)
     if out.exists() and not overwrite:
         raise InvalidArgumentError(f"{out} already exists; pass --overwrite to replace it")

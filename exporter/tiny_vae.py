@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from edgesd.errors import CheckpointError
@@ -27,7 +28,7 @@ DECODER_PREFIX = "decoder."
 BY_LATENT_CHANNELS = {4: "taesd (SD1/SD2) or taesdxl (SDXL)", 16: "taesd3 or taef1 (SD3, FLUX.1)",
                       32: "taef2 or taesana (FLUX.2, Sana)"}
 # file-name hints of the two 4-channel decoders, which share one architecture
-NAME_HINTS = {"taesdxl": "sdxl", "taesd_": ("sd1", "sd2"), "taesd.": ("sd1", "sd2")}
+NAME_HINTS = {"taesdxl": ("sdxl",), "taesd_": ("sd1", "sd2"), "taesd.": ("sd1", "sd2")}
 ORIGINAL_KEY = re.compile(r"^(\d+)\.(.+)$")
 
 
@@ -134,6 +135,34 @@ def name_hint_warning(path: Path, family) -> str | None:
     return None
 
 
+@dataclass
+class TinyVaeSource:
+    """A --tiny-vae PATH, read: its AutoencoderTiny config ({} for a weights file), the decoder's
+    weights under DecoderTiny's names, the weights file and its layout ("taesd" or "diffusers")."""
+
+    path: Path
+    config: dict
+    state: dict
+    weights: Path
+    layout: str
+
+    @property
+    def latent_channels(self) -> int:
+        return latent_channels_of(self.path, self.state)
+
+
+def read_source(path) -> TinyVaeSource:
+    """Read and check the layout of a --tiny-vae PATH (before the model is loaded: fail fast)."""
+    path = check_file(path)
+    if path.is_dir():
+        config, state, weights = read_folder(path)
+        layout = "diffusers"
+    else:
+        (state, layout), config, weights = read_file(path), {}, path
+    latent_channels_of(path, state)  # a decoder without its first convolution is refused here
+    return TinyVaeSource(path, config, state, weights, layout)
+
+
 def load_tiny_vae(path, family, configs: dict, warn=None) -> tuple:
     """(AutoencoderTiny with the decoder's weights, its config dict, the manifest's `tiny_vae` record).
 
@@ -143,14 +172,8 @@ def load_tiny_vae(path, family, configs: dict, warn=None) -> tuple:
     from edgesd.models.families import vae_scale_factor
     from edgesd.models.manifest import sha256_file
 
-    path = check_file(path)
-    if path.is_dir():
-        config, state, weights = read_folder(path)
-        layout = "diffusers"
-    else:
-        state, layout = read_file(path)
-        config, weights = {}, path
-    channels = latent_channels_of(path, state)
+    source = path if isinstance(path, TinyVaeSource) else read_source(path)
+    path, config, state, channels = source.path, source.config, source.state, source.latent_channels
     check_latent_channels(path, channels, family, int(configs["vae"].get("latent_channels", 4)))
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     try:
@@ -161,21 +184,26 @@ def load_tiny_vae(path, family, configs: dict, warn=None) -> tuple:
     if upsampling != vae_scale_factor(configs["vae"]):
         raise CheckpointError(f"{path}: this TAESD decoder upsamples {upsampling}x, the model's VAE "
                               f"{vae_scale_factor(configs['vae'])}x")
-    load_decoder(tiny, state, path)
+    load_decoder(tiny, state, path, source.layout)
     if warn is not None and (message := name_hint_warning(path, family)):
         warn(message)
-    record = {"file": path.name, "sha256": sha256_file(weights), "format": layout, "latent_channels": channels}
+    record = {"file": path.name, "sha256": sha256_file(source.weights), "format": source.layout,
+              "latent_channels": channels}
     return tiny.eval(), dict(tiny.config), record
 
 
-def load_decoder(tiny, state: dict, path: Path) -> None:
-    """Load the decoder's weights, every tensor accounted for, or say which do not fit."""
+def load_decoder(tiny, state: dict, path: Path, layout: str) -> None:
+    """Load the decoder's weights, every tensor accounted for, or say which do not fit (named as
+    in the file)."""
     expected = tiny.decoder.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
     if missing or unexpected or wrong:
-        problems = [f"{len(v)} {what} (e.g. {v[0]})" for what, v in
+        def as_in_file(key):
+            return next(iter(diffusers_to_original({key: None}))) if layout == "taesd" else DECODER_PREFIX + key
+
+        problems = [f"{len(v)} {what} (e.g. {as_in_file(v[0])})" for what, v in
                     (("missing", missing), ("unexpected", unexpected), ("of another shape", wrong)) if v]
         raise CheckpointError(f"{path}: not a TAESD decoder of the standard architecture: tensors "
                               + ", ".join(problems))
