@@ -353,3 +353,17 @@ def test_name_hint_warns_of_an_sdxl_decoder_on_sd1(tmp_path):
                   warn=warnings.append)
     load_tiny_vae(write_synthetic_tiny_vae(tmp_path / "taesd_decoder.pth"), *sd1_tiny(), warn=warnings.append)
     assert len(warnings) == 1 and "SDXL" in warnings[0]
+
+
+def test_cli_synth_taesd_writes_both_layouts(tmp_path, capsys, reference_tiny):
+    import torch
+
+    from edgesd.exporter.tiny_vae import load_tiny_vae
+
+    run = OneLineMain(capsys)
+    z = torch_latents(seed=2)
+    for out in (tmp_path / "taesd_decoder.safetensors", tmp_path / "taesd"):
+        assert run("synth", "taesd", "-o", out, "--seed", SEED).returncode == 0
+        with torch.no_grad():
+            assert torch.equal(load_tiny_vae(out, *sd1_tiny())[0].decode(z).sample, reference_tiny.decode(z).sample)
+    assert_user_error(run("synth", "taesd", "-o", tmp_path / "taesd.ckpt"), ".safetensors, .pth or a folder")
