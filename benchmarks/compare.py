@@ -7,6 +7,7 @@ repetitions; medians and ratios are printed (and written to docs/ with --write-d
     python benchmarks/compare.py --sizes 256 --repeats 3
     python benchmarks/compare.py --optimum-python /path/to/venv-with-optimum/bin/python
     python benchmarks/compare.py --variants int8 low-memory int8+low-memory   # edgesd's opt-in modes too
+    python benchmarks/compare.py --variants tiny-vae   # TAESD decoding (export --tiny-vae)
 
 Peers that are not installed are skipped and reported as such.
 """
@@ -54,6 +55,10 @@ def prepare(args) -> dict:
     for folder, options in VARIANT_EXPORTS.items():
         paths[folder] = cache / folder
         if any(VARIANTS[v][0] == folder for v in args.variants) and not paths[folder].exists():
+            if options.get("tiny_vae") == SYNTHETIC_TAESD:
+                from edgesd.exporter.synth import write_synthetic_tiny_vae
+
+                options = dict(options, tiny_vae=write_synthetic_tiny_vae(cache / "taesd_decoder.safetensors", seed=0))
             print(f"exporting with edgesd {options} ...", flush=True)
             export(paths["checkpoint"], paths[folder], progress=True, **options)
     if args.optimum_python and not paths["optimum"].exists():
@@ -182,8 +187,13 @@ def main() -> None:
 
 # variant -> (the export it runs, run_one.py options); the exports variants need besides the exact one
 VARIANTS = {"int8": ("edgesd-int8", ()), "low-memory": ("edgesd", ("--low-memory",)),
-            "int8+low-memory": ("edgesd-int8", ("--low-memory",)), "optimize-cpu": ("edgesd-optimize-cpu", ())}
-VARIANT_EXPORTS = {"edgesd-int8": {"quantize": "int8"}, "edgesd-optimize-cpu": {"optimize": "cpu"}}
+            "int8+low-memory": ("edgesd-int8", ("--low-memory",)), "optimize-cpu": ("edgesd-optimize-cpu", ()),
+            "tiny-vae": ("edgesd-taesd", ("--tiny-vae",)),  # random TAESD weights: its PSNR means nothing
+            "int8+tiny-vae": ("edgesd-int8-taesd", ("--tiny-vae",))}
+SYNTHETIC_TAESD = "synthetic"  # a seeded random TAESD decoder, written into the cache
+VARIANT_EXPORTS = {"edgesd-int8": {"quantize": "int8"}, "edgesd-optimize-cpu": {"optimize": "cpu"},
+                   "edgesd-taesd": {"tiny_vae": SYNTHETIC_TAESD},
+                   "edgesd-int8-taesd": {"quantize": "int8", "tiny_vae": SYNTHETIC_TAESD}}
 
 
 def import_seconds(python: str, statement: str, repeats: int = 5) -> float:

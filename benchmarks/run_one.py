@@ -1,6 +1,6 @@
 """Run one system once (in its own process) and print a JSON line of measurements.
 
-    python benchmarks/run_one.py edgesd  MODEL_DIR --size 256 --steps 4 --cfg 7 [--low-memory] [--save X.npy]
+    python benchmarks/run_one.py edgesd  MODEL_DIR --size 256 --steps 4 --cfg 7 [--low-memory] [--tiny-vae] [--save X.npy]
     python benchmarks/run_one.py optimum OPTIMUM_DIR ...
     python benchmarks/run_one.py diffusers DIFFUSERS_DIR ...
     python benchmarks/run_one.py sdcpp CHECKPOINT ...
@@ -51,6 +51,8 @@ def run_edgesd(args) -> dict:
 
     model_folder.Session.run = timed_run
     options = {"low_memory": True} if args.low_memory else {}
+    if args.tiny_vae:
+        options["tiny_vae"] = True
     start = time.perf_counter()
     pipe = Pipeline.from_pretrained(args.model, provider="cpu", **options)
     load_s = time.perf_counter() - start
@@ -133,6 +135,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--low-memory", action="store_true", help="edgesd: Pipeline(low_memory=True)")
     parser.add_argument("--save", help="edgesd: save the image (.npy) for quality comparisons")
+    parser.add_argument("--tiny-vae", action="store_true", help="edgesd: decode with the TAESD graph")
     args = parser.parse_args()
     result = RUNNERS[args.system](args)
     result.update(system=args.system, size=args.size, steps=args.steps, peak_rss_mb=peak_rss_mb())

@@ -24,7 +24,8 @@ TMP_MARK = ".edgesd-tmp-"
 
 def export(source, out, *, config=None, prediction=None, overwrite: bool = False, verify: bool = True,
            progress: bool = True, loras=(), hypernetworks=(), lenient: bool = False, quantize: str | None = None,
-           precision: str = "fp32", vae_precision: str | None = None, optimize: str | None = None) -> dict:
+           precision: str = "fp32", vae_precision: str | None = None, optimize: str | None = None,
+           tiny_vae=None) -> dict:
     """Export `source` to the folder `out`; returns the manifest written.
 
     `loras` (`FILE[:UNET_W[:TE_W]]` or LoraArg) are fused into the weights and `hypernetworks`
@@ -32,7 +33,8 @@ def export(source, out, *, config=None, prediction=None, overwrite: bool = False
     ("int8", "int8-conv") stores the UNet's weights as int8 (see exporter.quantize). `precision`
     "fp16" converts the UNet and text encoders to fp16 (the VAE too with `vae_precision="fp16"`;
     see exporter.precision); `optimize` ("cpu", "cuda") fuses the graphs with ONNX Runtime's
-    transformer optimizer for that target (see exporter.optimize).
+    transformer optimizer for that target (see exporter.optimize). `tiny_vae` (a TAESD decoder
+    file or diffusers AutoencoderTiny folder) adds the graph `vae_decoder_tiny` (see exporter.tiny_vae).
     """
     from edgesd.exporter.adapters import check_adapter_files, parse_hypernetwork_arg, parse_lora_arg
     from edgesd.exporter.optimize import check_target
@@ -50,6 +52,10 @@ def export(source, out, *, config=None, prediction=None, overwrite: bool = False
     loras = [parse_lora_arg(a) for a in loras]
     hypernetworks = [parse_hypernetwork_arg(a) for a in hypernetworks]
     check_adapter_files(loras, hypernetworks)
+    if tiny_vae is not None:
+        from edgesd.exporter.tiny_vae import read_source
+
+        tiny_vae = read_source(tiny_vae)  # a missing file or a wrong layout fails before the model is loaded
     out = Path(out)
     if out.exists() and not overwrite:
         raise InvalidArgumentError(f"{out} already exists; pass --overwrite to replace it")
@@ -68,7 +74,8 @@ def export(source, out, *, config=None, prediction=None, overwrite: bool = False
     try:
         manifest = build_folder(source, tmp, config=config, prediction=prediction, verify=verify, progress=progress,
                                 loras=loras, hypernetworks=hypernetworks, lenient=lenient, quantize=quantize,
-                                precision=precision, vae_precision=vae_precision, optimize=optimize)
+                                precision=precision, vae_precision=vae_precision, optimize=optimize,
+                                tiny_vae=tiny_vae)
         replace_folder(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -138,7 +145,7 @@ def exchange_paths(a: Path, b: Path) -> bool:
 
 def build_folder(source, folder: Path, *, config=None, prediction=None, verify=True, progress=True,
                  loras=(), hypernetworks=(), lenient=False, quantize=None, precision="fp32", vae_precision=None,
-                 optimize=None) -> dict:
+                 optimize=None, tiny_vae=None) -> dict:
     import diffusers
     import onnx
     import torch
@@ -159,6 +166,13 @@ def build_folder(source, folder: Path, *, config=None, prediction=None, verify=T
         adapters = apply_adapters(loaded, loras, hypernetworks, lenient=lenient, warn=_warn)
     family, configs = loaded.family, loaded.configs
     specs = family.components(configs)
+    tiny_record = None
+    if tiny_vae is not None:
+        from edgesd.exporter.tiny_vae import load_tiny_vae
+        from edgesd.models.contract import TINY_VAE_DECODER
+
+        loaded.tiny_vae, configs["tiny_vae"], tiny_record = load_tiny_vae(tiny_vae, family, configs, warn=_warn)
+        specs += [s for s in family.components(configs, optional=True) if s.name == TINY_VAE_DECODER]
     components = {}
     with tqdm(total=2 * len(specs) + 1, desc="export", unit="step", disable=not progress) as bar:
         for spec in specs:
@@ -209,6 +223,7 @@ def build_folder(source, folder: Path, *, config=None, prediction=None, verify=T
         "exporter": {"version": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
                      "onnx": onnx.__version__, "opset": OPSET},
         "adapters": adapters,
+        **({"tiny_vae": tiny_record} if tiny_record else {}),
     }
     write_manifest(folder, manifest)
     return manifest

@@ -80,8 +80,26 @@ class VaeEncoderGraph(torch.nn.Module):
         return moments
 
 
+class TinyVaeDecoderGraph(torch.nn.Module):
+    """The vae_decoder contract through a TAESD decoder. TAESD was distilled on the UNet's latents,
+    which the contract's input is divided by scaling_factor from: multiply back. diffusers'
+    DecoderTiny already maps TAESD's [0, 1] output to the contract's [-1, 1]."""
+
+    def __init__(self, tiny_vae, scaling_factor: float):
+        super().__init__()
+        self.tiny_vae = tiny_vae
+        self.scaling_factor = float(scaling_factor)
+
+    def forward(self, latent_sample):
+        return self.tiny_vae.decode(latent_sample * self.scaling_factor, return_dict=False)[0]
+
+
 def graph_for(spec, model) -> torch.nn.Module:
     """The torch module whose forward is exactly the contract component `spec` of `model`."""
+    from edgesd.models.contract import TINY_VAE_DECODER
+
+    if spec.name == TINY_VAE_DECODER:
+        return TinyVaeDecoderGraph(model.tiny_vae, model.vae.config.scaling_factor).eval()
     wrappers = {"text_encoder": (TextEncoderGraph, "text_encoder"), "text_encoder_2": (TextEncoderGraph, "text_encoder_2"),
                 "unet": (UNetGraph, "unet"), "vae_decoder": (VaeDecoderGraph, "vae"), "vae_encoder": (VaeEncoderGraph, "vae")}
     cls, attr = wrappers[spec.name]

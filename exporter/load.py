@@ -31,6 +31,7 @@ class LoadedModel:
     source: dict = field(default_factory=dict)  # {file, sha256, format}
     tokenizer_dir: Path | None = None  # a tokenizer folder to copy, when the source has one
     text_encoder_2: object = None  # SDXL's second (OpenCLIP bigG) encoder
+    tiny_vae: object = None  # AutoencoderTiny (TAESD) given with --tiny-vae
 
 
 PREDICTIONS = {"epsilon": "epsilon", "eps": "epsilon", "v": "v_prediction", "v_prediction": "v_prediction"}

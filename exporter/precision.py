@@ -36,7 +36,13 @@ def check_precision(precision: str | None, what: str = "precision") -> str | Non
 
 
 def component_precision(component: str, precision: str, vae_precision: str | None) -> str:
-    """The VAE is fp32 unless `vae_precision` says otherwise; the others follow `precision`."""
+    """The VAE is fp32 unless `vae_precision` says otherwise; the others follow `precision`. The
+    TAESD decoder follows `vae_precision` when given, else `precision`: it is made for fp16
+    (its latents are clamped by tanh, it has no normalisation; diffusers runs it in float16)."""
+    from edgesd.models.contract import TINY_VAE_DECODER
+
+    if component == TINY_VAE_DECODER:
+        return vae_precision or precision
     if component in VAE_COMPONENTS:
         return vae_precision or "fp32"
     return precision

@@ -89,3 +89,52 @@ def write_synthetic_checkpoint(family_name: str, size: str, out: str | Path, *, 
     finally:
         tmp.unlink(missing_ok=True)
     return out
+
+
+TINY_VAE_FILE_SUFFIXES = (".safetensors", ".pth")
+
+
+def build_tiny_vae(seed: int = 0, latent_channels: int = 4):
+    """diffusers' AutoencoderTiny (TAESD's one architecture) with seeded default-initialised weights.
+
+    The last convolution's bias is set to 0.5: TAESD decodes to [0, 1], and a zero-centred random
+    decoder would put nearly every pixel below 0, so images would be clipped to black."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    tiny = AutoencoderTiny(latent_channels=latent_channels).eval()
+    with torch.no_grad():
+        tiny.decoder.layers[-1].bias.fill_(0.5)
+    return tiny
+
+
+def write_synthetic_tiny_vae(out: str | Path, *, seed: int = 0, latent_channels: int = 4) -> Path:
+    """A TAESD decoder with seeded random weights: `.safetensors` / `.pth` in the original layout
+    (madebyollin/taesd's `taesd_decoder.*`), or, for a path without a suffix, a diffusers
+    AutoencoderTiny folder (encoder included, as published)."""
+    import torch
+
+    from edgesd.exporter.tiny_vae import diffusers_to_original
+
+    out = Path(out)
+    if out.suffix and out.suffix not in TINY_VAE_FILE_SUFFIXES:
+        raise InvalidArgumentError(f"{out}: a TAESD decoder is written as .safetensors, .pth or a folder (no suffix)")
+    tiny = build_tiny_vae(seed, latent_channels)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not out.suffix:
+        tiny.save_pretrained(str(out), safe_serialization=True)
+        return out
+    state = {k: v.detach().contiguous() for k, v in diffusers_to_original(tiny.decoder.state_dict()).items()}
+    tmp = out.with_name(out.name + ".partial")
+    try:
+        if out.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(state, str(tmp), metadata={"edgesd_synthetic": f"taesd-decoder-seed{seed}"})
+        else:
+            torch.save(state, str(tmp))
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out

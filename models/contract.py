@@ -179,13 +179,20 @@ def unet_spec(in_channels: int, out_channels: int, context_dim: int, pooled_dim:
     )
 
 
-def vae_decoder_spec(latent_channels: int) -> ComponentSpec:
-    """Unscaled latents (already divided by scaling_factor) -> image in [-1, 1]."""
+TINY_VAE_DECODER = "vae_decoder_tiny"
+
+
+def vae_decoder_spec(latent_channels: int, name: str = "vae_decoder") -> ComponentSpec:
+    """Unscaled latents (already divided by scaling_factor) -> image in [-1, 1].
+
+    `name` TINY_VAE_DECODER: the optional TAESD decoder (`--tiny-vae`), a drop-in for the full
+    one: the same tensors, so the runtime feeds either the same way."""
+    what = "TAESD decoder" if name == TINY_VAE_DECODER else "post_quant_conv included"
     return ComponentSpec(
-        "vae_decoder",
+        name,
         inputs=(TensorSpec("latent_sample", FLOAT, ("batch", latent_channels, "latent_height", "latent_width")),),
         outputs=(TensorSpec("sample", FLOAT, ("batch", 3, "height", "width")),),
-        description="latents / scaling_factor -> image in [-1, 1] (post_quant_conv included)",
+        description=f"latents / scaling_factor -> image in [-1, 1] ({what})",
     )
 
 

@@ -32,6 +32,7 @@ EXPORTED_CONFIG_FILES = {
     "text_encoder": ("text_encoder/config.json",),
     "text_encoder_2": ("text_encoder_2/config.json",),
     "scheduler": ("scheduler/scheduler_config.json",),
+    "tiny_vae": ("vae_decoder_tiny/config.json",),  # AutoencoderTiny's config, with `--tiny-vae` only
 }
 
 
@@ -78,8 +79,9 @@ class Family:
             raise unknown_name(f"size for {self.name}", size, sizes)
         return CONFIG_ROOT / sizes[size]
 
-    def components(self, configs: dict) -> list:
-        """The ONNX components of this family's folder, sized by `configs` (see load_configs)."""
+    def components(self, configs: dict, *, optional: bool = False) -> list:
+        """The ONNX components of this family's folder, sized by `configs` (see load_configs);
+        with `optional`, also those a folder may hold (the TAESD decoder of `--tiny-vae`)."""
         unet, vae = configs["unet"], configs["vae"]
         latent = vae.get("latent_channels", 4)
         texts = [contract.text_encoder_spec(configs[e.name]["hidden_size"], e.name, clip_skip=self.default_clip_skip,
@@ -92,6 +94,7 @@ class Family:
                                pooled_dim(unet)),
             contract.vae_decoder_spec(latent),
             contract.vae_encoder_spec(latent),
+            *([contract.vae_decoder_spec(latent, contract.TINY_VAE_DECODER)] if optional else []),
         ]
 
     def text_encoder(self, name: str) -> TextEncoder:

@@ -35,6 +35,8 @@ SCHEMA = {
 # Optional keys (folders exported before they existed lack them): key -> description.
 OPTIONAL = {
     "optimization": "cpu or cuda: the target ONNX Runtime's optimizer fused the graphs for; null or absent: none",
+    "tiny_vae": "{file, sha256, format, latent_channels} of the TAESD decoder exported as vae_decoder_tiny; "
+                "absent: none",
 }
 
 
@@ -63,6 +65,8 @@ def validate(manifest: dict) -> dict:
     if manifest.get("optimization") not in (None, *OPTIMIZATION_TARGETS):
         raise ModelFolderError(f"{MANIFEST_FILE}: optimization {manifest['optimization']!r} is not one of "
                                f"{', '.join(OPTIMIZATION_TARGETS)} (or null)")
+    if not isinstance(manifest.get("tiny_vae", {}), dict):
+        raise ModelFolderError(f"{MANIFEST_FILE}: 'tiny_vae' must be an object ({OPTIONAL['tiny_vae']})")
     for key, valid in (("precision", PRECISIONS), ("prediction_type", PREDICTION_TYPES), ("variant", VARIANTS)):
         if manifest[key] not in valid:
             raise ModelFolderError(f"{MANIFEST_FILE}: {key} {manifest[key]!r} is not one of {', '.join(valid)}")

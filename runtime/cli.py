@@ -45,10 +45,11 @@ def cmd_export(args):
                       overwrite=args.overwrite,
                       verify=not args.no_verify, progress=not args.quiet,
                       loras=args.lora, hypernetworks=args.hypernetwork, lenient=args.lenient, quantize=args.quantize,
-                      precision=args.precision, vae_precision=args.vae_precision, optimize=args.optimize)
+                      precision=args.precision, vae_precision=args.vae_precision, optimize=args.optimize,
+                      tiny_vae=args.tiny_vae)
     print(f"exported {manifest['family']} ({manifest['variant']}, {manifest['prediction_type']}) to {args.output}")
     for name, entry in manifest["components"].items():
-        print(f"  {name:13s} verified: {verification_text(entry)}")
+        print(f"  {name:16s} verified: {verification_text(entry)}")
     print_adapters(manifest)
 
 
@@ -84,9 +85,12 @@ def cmd_synth_adapter(args):
 
 def cmd_synth(args):
     need_exporter()
-    from edgesd.exporter.synth import write_synthetic_checkpoint
+    from edgesd.exporter.synth import write_synthetic_checkpoint, write_synthetic_tiny_vae
 
-    path = write_synthetic_checkpoint(args.family, args.size, args.output, seed=args.seed, dtype=args.dtype)
+    if args.family.lower() == "taesd":  # one architecture: --size and --dtype do not apply
+        path = write_synthetic_tiny_vae(args.output, seed=args.seed)
+    else:
+        path = write_synthetic_checkpoint(args.family, args.size, args.output, seed=args.seed, dtype=args.dtype)
     print(f"wrote {path}")
 
 
@@ -154,6 +158,13 @@ def generation_kwargs(args) -> dict:
     return kwargs
 
 
+def wants_tiny_vae(args) -> bool:
+    """--tiny-vae, or a --from-png image that was decoded with TAESD (its infotext says "VAE: TAESD")."""
+    from edgesd.runtime.infotext import parse_infotext
+
+    return bool(args.tiny_vae or args.from_png and parse_infotext(read_png_parameters(args.from_png)).get("VAE") == "TAESD")
+
+
 def engine_profile(model, kwargs: dict, images: int):
     """The shapes this generation runs (size, hires size, images), so that the TensorRT provider
     picks built engines covering them. Prompt length is known later: one chunk is assumed here."""
@@ -185,7 +196,7 @@ def cmd_generate(args):
     profile = engine_profile(args.model, kwargs, args.batch) if args.provider.lower() in ("auto", "tensorrt") else None
     pipe = Pipeline.from_pretrained(args.model, provider=args.provider, low_memory=args.low_memory, profile=profile,
                                     engine_cache=args.engine_cache, allow_rebuild=args.allow_rebuild,
-                                    **gpu_options(args))
+                                    tiny_vae=wants_tiny_vae(args), **gpu_options(args))
     for spec in args.embedding or ():
         path, name = (spec, "") if Path(spec).exists() or ":" not in spec else spec.rsplit(":", 1)  # FILE[:WORD]
         pipe.load_embedding(path, token=name or None)
@@ -258,7 +269,7 @@ def cmd_info(args):
         present = "present" if folder.has(spec.name) else "absent"
         ins = ", ".join(f"{t.name}{list(t.shape)}" for t in spec.inputs)
         outs = ", ".join(f"{t.name}{list(t.shape)}" for t in spec.outputs)
-        print(f"  {spec.name:13s} {present:8s} {ins} -> {outs}")
+        print(f"  {spec.name:16s} {present:8s} {ins} -> {outs}")
     if folder.manifest:
         print_adapters(folder.manifest)
     if folder.manifest and args.json:
@@ -335,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimize", default=None, choices=list(OPTIMIZATION_TARGETS),
                    help="fuse the graphs with ONNX Runtime's transformer optimizer for this target "
                         "(cuda graphs hold CUDA-only operators)")
+    p.add_argument("--tiny-vae", metavar="PATH", help="also export this TAESD decoder (taesd_decoder.safetensors / "
+                   ".pth, or a diffusers AutoencoderTiny folder) as vae_decoder_tiny, for generate --tiny-vae")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("synth-adapter", help="write a synthetic adapter file (seeded random weights, public layout)")
@@ -346,9 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_synth_adapter)
 
     p = sub.add_parser("synth", help="write a synthetic checkpoint with seeded random weights (LDM layout)")
-    p.add_argument("family", help="sd1, sd2 or sd2-v")
+    p.add_argument("family", help="sd1, sd2, sd2-v or sdxl; taesd: a TAESD decoder (for export --tiny-vae)")
     p.add_argument("--size", default="tiny", help="tiny (tests) or full (real shapes)")
-    p.add_argument("-o", "--output", required=True, help=".safetensors or .ckpt file to write")
+    p.add_argument("-o", "--output", required=True, help=".safetensors or .ckpt file to write (taesd: "
+                   ".safetensors / .pth in the original layout, or a folder: diffusers AutoencoderTiny)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="fp32", help="fp32 or fp16")
     p.set_defaults(func=cmd_synth)
@@ -386,6 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae-tiling", action="store_true", help="decode large images in overlapping tiles (less memory)")
     p.add_argument("--low-memory", action="store_true",
                    help="load one component at a time and free it after its stage; no arenas; tiled VAE")
+    p.add_argument("--tiny-vae", action="store_true", help="decode with the TAESD decoder the folder was exported "
+                   "with (export --tiny-vae): much faster, lower quality")
     p.add_argument("--hr-scale", type=float, default=None, help="hires fix: upscale factor of a second img2img pass")
     p.add_argument("--hr-upscaler", default=None, help="hires upscaler: Latent (default), Latent (nearest), "
                    "Latent (nearest-exact), Lanczos, Nearest")

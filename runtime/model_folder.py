@@ -65,7 +65,7 @@ class ModelFolder:
             missing = [e.name for e in family.text_encoders if e.name not in configs]
         if missing:
             raise ModelFolderError(f"{path}: not an exported model folder (missing configs: {', '.join(missing)})")
-        specs = {s.name: s for s in family.components(configs)}
+        specs = {s.name: s for s in family.components(configs, optional=True)}
         for name in (*REQUIRED_COMPONENTS, *(e.name for e in family.text_encoders)):
             if not (path / specs[name].path).is_file():
                 raise ModelFolderError(f"{path}: missing {specs[name].path}")

@@ -18,6 +18,7 @@ import numpy as np
 
 from edgesd import schedulers
 from edgesd.errors import CheckpointError, InvalidArgumentError, NonFiniteError, unknown_name
+from edgesd.models.contract import TINY_VAE_DECODER
 from edgesd.runtime import providers as provider_names
 from edgesd.runtime.images import to_pil, to_unit_nhwc
 from edgesd.runtime import conditioning, hires, img2img, vae_tiling
@@ -50,7 +51,8 @@ class Pipeline:
     """A loaded model folder. Thread-safe for concurrent calls: all per-call state is local."""
 
     def __init__(self, folder: ModelFolder, providers: list, low_memory: bool = False, engines=None,
-                 io_binding: bool | None = None):
+                 io_binding: bool | None = None, tiny_vae: bool = False):
+        self.tiny_vae = check_tiny_vae(folder, tiny_vae)
         self.folder = folder
         self.providers = providers
         self.low_memory = bool(low_memory)
@@ -64,7 +66,7 @@ class Pipeline:
         self.zero_empty_negative = len(self.text_encoders) > 1 and folder.model_index.get(
             "force_zeros_for_empty_prompt", True)  # SDXL: an empty negative prompt is all zeros
         self.unet = self.open_session("unet")
-        self.vae_decoder = self.open_session("vae_decoder")
+        self.vae_decoder = self.open_session(TINY_VAE_DECODER if self.tiny_vae else "vae_decoder")
         self._vae_encoder = None
         scheduler = folder.configs["scheduler"]
         self.sigma_table = schedulers.sigma_table(
@@ -83,7 +85,7 @@ class Pipeline:
                         device_id: int = 0, gpu_mem_limit: int | None = None, arena_extend_strategy: str | None = None,
                         cudnn_conv_algo_search: str | None = None, cuda_graph: bool = False,
                         io_binding: bool | None = None, profile=None, engine_cache=None,
-                        allow_rebuild: bool = False) -> "Pipeline":
+                        allow_rebuild: bool = False, tiny_vae: bool = False) -> "Pipeline":
         """`low_memory`: hold one component's weights at a time (each is loaded when its stage
         starts and freed when it ends), no memory arenas, and tiled VAE decoding/encoding:
         the peak is about the largest component instead of all of them, for a reload per stage.
@@ -94,6 +96,8 @@ class Pipeline:
         keep inputs and outputs on the device between runs (None: on GPU providers).
         TensorRT: `profile` (a ShapeProfile or "512x512") picks built engines, else the ones built
         last; `engine_cache` is their folder; `allow_rebuild` builds what is missing (runtime/engines.py).
+        `tiny_vae`: decode with the TAESD graph the folder was exported with (`edgesd export --tiny-vae`),
+        ~50x cheaper than the full VAE decoder, at a quality cost; img2img still encodes with the full VAE.
         """
         from edgesd.runtime import engines
 
@@ -106,7 +110,7 @@ class Pipeline:
         engine_set, providers = engines.for_pipeline(
             folder, providers, explicit=str(provider).lower() == "tensorrt", profile=profile,
             cache_root=engine_cache, allow_rebuild=allow_rebuild, device_id=device_id)
-        return cls(folder, providers, low_memory, engine_set, io_binding)
+        return cls(folder, providers, low_memory, engine_set, io_binding, tiny_vae)
 
     def open_session(self, component: str):
         """The component's session: opened now, or on first use in low-memory mode. Only the
@@ -498,13 +502,23 @@ class Pipeline:
     def infotext(self, prompt, negative, steps, sampler, schedule, cfg, seed, width, height, extras=None) -> str:
         params = {"Steps": steps, "Sampler": sampler, "Schedule type": schedule, "CFG scale": _num(cfg),
                   "Seed": seed, "Size": f"{width}x{height}", "Model hash": self.model_hash,
-                  "Model": self.model_name, **(extras or {}), "Provider": PROVIDER_LABELS.get(self.provider),
-                  "Version": "edgesd"}
+                  "Model": self.model_name, "VAE": "TAESD" if self.tiny_vae else None, **(extras or {}),
+                  "Provider": PROVIDER_LABELS.get(self.provider), "Version": "edgesd"}
         return create_infotext(prompt, negative, params)
 
     def infotext_params(self, text: str) -> dict:
         """Keyword arguments that make `self(**kwargs)` regenerate the image an infotext describes."""
         return call_arguments(parse_infotext(text))
+
+
+def check_tiny_vae(folder: ModelFolder, tiny_vae) -> bool:
+    """`tiny_vae=True` needs the TAESD graph that `edgesd export --tiny-vae` adds."""
+    if not isinstance(tiny_vae, bool):
+        raise InvalidArgumentError(f"tiny_vae must be True or False, got {tiny_vae!r}")
+    if tiny_vae and not folder.has(TINY_VAE_DECODER):
+        raise InvalidArgumentError(f"{folder.path}: this folder has no TAESD decoder ({TINY_VAE_DECODER}); export it "
+                                   "with `edgesd export CHECKPOINT -o OUT --tiny-vae taesd_decoder.safetensors`")
+    return tiny_vae
 
 
 def prompt_params(texts: list, clip_skip: int, emphasis: str) -> dict:

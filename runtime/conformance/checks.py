@@ -143,7 +143,7 @@ class Context:
         self.specs = {}
         if self.family is not None and all(c in self.configs for c in ("unet", "vae", "text_encoder")):
             try:
-                self.specs = {s.name: s for s in self.family.components(self.configs)}
+                self.specs = {s.name: s for s in self.family.components(self.configs, optional=True)}
             except (KeyError, TypeError) as e:
                 self.config_problem = f"configs lack a field the contract needs ({e})"
         self._sessions, self._loaded = {}, None
