@@ -24,7 +24,8 @@ TMP_MARK = ".edgesd-tmp-"
 
 def export(source, out, *, config=None, prediction=None, overwrite: bool = False, verify: bool = True,
            progress: bool = True, loras=(), hypernetworks=(), lenient: bool = False, quantize: str | None = None,
-           precision: str = "fp32", vae_precision: str | None = None, optimize: str | None = None) -> dict:
+           precision: str = "fp32", vae_precision: str | None = None, optimize: str | None = None,
+           deepcache: int | None = None) -> dict:
     """Export `source` to the folder `out`; returns the manifest written.
 
     `loras` (`FILE[:UNET_W[:TE_W]]` or LoraArg) are fused into the weights and `hypernetworks`
@@ -32,7 +33,9 @@ def export(source, out, *, config=None, prediction=None, overwrite: bool = False
     ("int8", "int8-conv") stores the UNet's weights as int8 (see exporter.quantize). `precision`
     "fp16" converts the UNet and text encoders to fp16 (the VAE too with `vae_precision="fp16"`;
     see exporter.precision); `optimize` ("cpu", "cuda") fuses the graphs with ONNX Runtime's
-    transformer optimizer for that target (see exporter.optimize).
+    transformer optimizer for that target (see exporter.optimize). `deepcache` (a branch, 0 = the
+    shallowest) also exports DeepCache's graphs: the UNet gains the `deep_features` output and
+    `unet_shallow` is added (see models/deepcache.py).
     """
     from edgesd.exporter.adapters import check_adapter_files, parse_hypernetwork_arg, parse_lora_arg
     from edgesd.exporter.optimize import check_target
@@ -43,6 +46,7 @@ def export(source, out, *, config=None, prediction=None, overwrite: bool = False
     check_precision(precision)
     check_precision(vae_precision, "VAE precision")
     check_target(optimize)
+    check_branch(deepcache)
     if quantize and (precision != "fp32" or optimize):
         raise InvalidArgumentError("--quantize applies to fp32 graphs without --optimize; "
                                    "drop --precision fp16 / --optimize, or --quantize")
@@ -68,7 +72,8 @@ def export(source, out, *, config=None, prediction=None, overwrite: bool = False
     try:
         manifest = build_folder(source, tmp, config=config, prediction=prediction, verify=verify, progress=progress,
                                 loras=loras, hypernetworks=hypernetworks, lenient=lenient, quantize=quantize,
-                                precision=precision, vae_precision=vae_precision, optimize=optimize)
+                                precision=precision, vae_precision=vae_precision, optimize=optimize,
+                                deepcache=deepcache)
         replace_folder(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -77,6 +82,12 @@ def export(source, out, *, config=None, prediction=None, overwrite: bool = False
                               + (f" ({e.filename})" if e.filename else "")) from None
         raise
     return manifest
+
+
+def check_branch(branch) -> None:
+    """A DeepCache branch is a non-negative integer (its upper bound depends on the UNet: models/deepcache.py)."""
+    if branch is not None and (isinstance(branch, bool) or not isinstance(branch, int) or branch < 0):
+        raise InvalidArgumentError(f"deepcache branch must be an integer >= 0 (0 is the shallowest), got {branch!r}")
 
 
 def remove_stale_temporaries(parent: Path, name: str) -> None:
@@ -138,7 +149,7 @@ def exchange_paths(a: Path, b: Path) -> bool:
 
 def build_folder(source, folder: Path, *, config=None, prediction=None, verify=True, progress=True,
                  loras=(), hypernetworks=(), lenient=False, quantize=None, precision="fp32", vae_precision=None,
-                 optimize=None) -> dict:
+                 optimize=None, deepcache=None) -> dict:
     import diffusers
     import onnx
     import torch
@@ -158,7 +169,7 @@ def build_folder(source, folder: Path, *, config=None, prediction=None, verify=T
 
         adapters = apply_adapters(loaded, loras, hypernetworks, lenient=lenient, warn=_warn)
     family, configs = loaded.family, loaded.configs
-    specs = family.components(configs)
+    specs = family.components(configs, deepcache)
     components = {}
     with tqdm(total=2 * len(specs) + 1, desc="export", unit="step", disable=not progress) as bar:
         for spec in specs:
@@ -210,6 +221,8 @@ def build_folder(source, folder: Path, *, config=None, prediction=None, verify=T
                      "onnx": onnx.__version__, "opset": OPSET},
         "adapters": adapters,
     }
+    if deepcache is not None:
+        manifest["deepcache"] = next(s for s in specs if s.name == "unet").deepcache.manifest_entry()
     write_manifest(folder, manifest)
     return manifest
 

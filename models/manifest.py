@@ -35,6 +35,8 @@ SCHEMA = {
 # Optional keys (folders exported before they existed lack them): key -> description.
 OPTIONAL = {
     "optimization": "cpu or cuda: the target ONNX Runtime's optimizer fused the graphs for; null or absent: none",
+    "deepcache": "{branch, feature, feature_channels, feature_scale}: the UNet's DeepCache cut (models/deepcache.py); "
+                 "absent: no unet_shallow graph",
 }
 
 
@@ -63,6 +65,10 @@ def validate(manifest: dict) -> dict:
     if manifest.get("optimization") not in (None, *OPTIMIZATION_TARGETS):
         raise ModelFolderError(f"{MANIFEST_FILE}: optimization {manifest['optimization']!r} is not one of "
                                f"{', '.join(OPTIMIZATION_TARGETS)} (or null)")
+    deepcache = manifest.get("deepcache")
+    if deepcache is not None and (not isinstance(deepcache, dict) or not isinstance(deepcache.get("branch"), int)
+                                  or isinstance(deepcache.get("branch"), bool)):
+        raise ModelFolderError(f"{MANIFEST_FILE}: deepcache must be an object with an integer 'branch'")
     for key, valid in (("precision", PRECISIONS), ("prediction_type", PREDICTION_TYPES), ("variant", VARIANTS)):
         if manifest[key] not in valid:
             raise ModelFolderError(f"{MANIFEST_FILE}: {key} {manifest[key]!r} is not one of {', '.join(valid)}")
