@@ -291,6 +291,15 @@ def test_batch_img2img_inpaint_and_hires(pipe):
         assert 0 < np.max(np.abs(cached - exact)) and psnr(cached, exact) > MIN_PSNR_DB, case
 
 
+def test_io_binding_and_low_memory_give_the_same_images(pipe, deepcache_export):
+    from edgesd import Pipeline
+
+    expected = pipe(PROMPT, deepcache_interval=3, **GEN).images
+    for options in (dict(io_binding=True), dict(low_memory=True)):
+        other = Pipeline.from_pretrained(deepcache_export, provider="cpu", **options)
+        assert np.array_equal(other(PROMPT, deepcache_interval=3, **GEN).images, expected), options
+
+
 def test_folder_without_deepcache_is_refused(tiny_export):
     from edgesd import Pipeline
 
