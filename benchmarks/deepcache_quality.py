@@ -62,6 +62,9 @@ def markdown(rows: list, branch: int) -> str:
         quality = "exact" if r["interval"] == 1 else f"{r['psnr']:.1f} dB"
         lines.append(f"| {r['sampler']} | {r['steps']} | {r['interval']} | {r['shape+colour']:.3f} | {quality} | "
                      f"{r['unet_s']:.1f} |")
+    lines += ["", "shape+colour: the fraction of images whose shape and colour the toy evaluator reads as the "
+              "prompt's; PSNR: against the interval-1 image of the same prompt and seed; UNet s: the UNet stage's "
+              "wall time, one run each (on a shared machine it varies by 2x between identical runs)."]
     return "\n".join(lines) + "\n"
 
 

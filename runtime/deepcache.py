@@ -13,7 +13,7 @@ from edgesd.errors import InvalidArgumentError
 MAX_INTERVAL = 1000
 
 
-def check_interval(interval, folder, tensorrt: bool) -> int:
+def check_interval(interval, folder) -> int:
     """A validated interval (1 = exact, no caching); >1 needs a folder exported with --deepcache."""
     if isinstance(interval, bool) or not isinstance(interval, int) and not (
             isinstance(interval, float) and interval.is_integer()):
@@ -24,9 +24,6 @@ def check_interval(interval, folder, tensorrt: bool) -> int:
     if interval > 1 and folder.deepcache is None:
         raise InvalidArgumentError(f"deepcache_interval {interval} needs a model folder exported with --deepcache; "
                                    f"{folder.path.name} was not (re-export it, or use deepcache_interval=1)")
-    if interval > 1 and tensorrt:
-        raise InvalidArgumentError("deepcache_interval > 1 is not available with TensorRT engines yet; use the "
-                                   "cuda or cpu provider, or deepcache_interval=1")
     return interval
 
 

@@ -324,7 +324,7 @@ class Pipeline:
         schedule = schedulers.resolve_schedule(schedule)
         subseed_strength, ensd = check_variation(subseed_strength, ensd)
         clip_skip, emphasis = self.check_clip_skip(clip_skip), check_emphasis(emphasis)
-        deepcache_interval = check_interval(deepcache_interval, self.folder, self.engines is not None)
+        deepcache_interval = check_interval(deepcache_interval, self.folder)
         sizes = dict(original_size=original_size, crops_coords_top_left=crops_coords_top_left, target_size=target_size)
         size_ids = conditioning.time_ids(height, width, **sizes)
         hr = None

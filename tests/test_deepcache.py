@@ -160,6 +160,20 @@ def test_unsupported_unet_is_refused():
         check_supported(unet)
 
 
+def test_tensorrt_profiles_size_the_deep_features():
+    from edgesd.models.families import get_family, load_configs
+    from edgesd.runtime.shape_profiles import component_shapes, parse_profile, widened
+
+    specs = {s.name: s for s in get_family("sd1").components(load_configs(TINY_CONFIG), 2)}  # feature at 1/2
+    profile = parse_profile("64x64-72x88", "1-2")
+    shapes = component_shapes(specs["unet_shallow"], profile, 8)
+    assert shapes["sample"] == ((1, 4, 8, 8), (2, 4, 8, 8), (4, 4, 11, 9))  # rows: images x 2 with CFG
+    assert shapes["deep_features"] == ((1, 64, 4, 4), (2, 64, 4, 4), (4, 64, 6, 5))
+    assert component_shapes(specs["unet"], profile, 8)["sample"] == shapes["sample"]
+    wider = widened(profile, specs["unet_shallow"], {"deep_features": np.zeros((2, 64, 7, 4))}, 8)
+    assert wider.height.max >= 7 * 2 * 8 and wider.width == profile.width
+
+
 # -- the exported graphs ------------------------------------------------------------------------
 
 def sessions(folder):
