@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from edgesd.errors import ExportError
+from edgesd.models.contract import DEEP_FEATURES
 
 SUPPORTED_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
 
@@ -141,6 +142,6 @@ class DeepCacheShallowGraph(_DeepCacheGraph):
         sample, timestep, context, added, named = self.inputs(tensors)
         sample, emb, context = embed(self.unet, sample, timestep, context, added)
         skips = down_path(self.unet, sample, emb, context, self.cut.down_stages)
-        hidden, _ = up_path(self.unet, named["deep_features"], emb, context, skips,
+        hidden, _ = up_path(self.unet, named[DEEP_FEATURES], emb, context, skips,
                             start=(self.cut.up_block, self.cut.up_layer))
         return head(self.unet, hidden)

@@ -9,6 +9,7 @@ run (its cache is per call, so a Pipeline stays thread-safe); the first model ca
 from __future__ import annotations
 
 from edgesd.errors import InvalidArgumentError
+from edgesd.models.contract import DEEP_FEATURES
 
 MAX_INTERVAL = 1000
 
@@ -35,13 +36,11 @@ class DeepCache:
         self.unet, self.shallow, self.interval = unet, shallow, interval
         self.calls = 0
         self.features = None
-        self.full_calls = 0
 
     def run(self, **feeds):
         if self.calls % self.interval == 0:
-            out, self.features = self.unet.run(["out_sample", "deep_features"], **feeds)
-            self.full_calls += 1
+            out, self.features = self.unet.run([self.unet.output_names[0], DEEP_FEATURES], **feeds)
         else:
-            out = self.shallow.run(["out_sample"], deep_features=self.features, **feeds)[0]
+            out = self.shallow.run(self.shallow.output_names[:1], **{DEEP_FEATURES: self.features}, **feeds)[0]
         self.calls += 1
         return out

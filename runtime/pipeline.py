@@ -204,6 +204,13 @@ class Pipeline:
 
     # -- sampling ---------------------------------------------------------------------
 
+    @property
+    def unet_shallow(self):
+        """DeepCache's shallow UNet session, opened on first use (only deepcache_interval > 1 needs it)."""
+        if self._unet_shallow is None:
+            self._unet_shallow = self.open_session("unet_shallow")
+        return self._unet_shallow
+
     def make_denoiser(self, cond, uncond, guidance_scale: float, timings: dict,
                       image_cond: np.ndarray | None = None, time_ids: np.ndarray | None = None,
                       deepcache_interval: int = 1):
@@ -425,13 +432,6 @@ class Pipeline:
         return (x * schedulers.latent_scales(sampler, sigmas, schedule)[1]).astype(np.float32)
 
     # -- img2img ----------------------------------------------------------------------
-
-    @property
-    def unet_shallow(self):
-        """DeepCache's shallow UNet session, opened on first use (only deepcache_interval > 1 needs it)."""
-        if self._unet_shallow is None:
-            self._unet_shallow = self.open_session("unet_shallow")
-        return self._unet_shallow
 
     @property
     def vae_encoder(self):
