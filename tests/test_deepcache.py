@@ -243,6 +243,23 @@ def test_manifest_and_plain_export_unchanged(deepcache_export, tiny_export):
     assert ModelFolder.open(deepcache_export).deepcache.branch == 0
 
 
+def test_manifest_with_a_branch_the_unet_lacks_is_refused(deepcache_export, tmp_path):
+    import json
+    import shutil
+
+    from edgesd.errors import ModelFolderError
+    from edgesd.runtime.model_folder import ModelFolder
+
+    folder = tmp_path / "altered"
+    shutil.copytree(deepcache_export, folder)
+    manifest = json.loads((folder / "edgesd.json").read_text())
+    for bad, message in ((9, "from 0 to 4"), ("0", "integer 'branch'")):
+        manifest["deepcache"]["branch"] = bad
+        (folder / "edgesd.json").write_text(json.dumps(manifest))
+        with pytest.raises(ModelFolderError, match=message):
+            ModelFolder.open(folder)
+
+
 def test_check_passes_on_the_folder(deepcache_export):
     from edgesd.runtime.conformance import run_checks
 
