@@ -254,7 +254,8 @@ def cmd_info(args):
     folder = ModelFolder.open(args.model)
     print(f"{folder.path}: {folder.family.title} ({folder.variant}), {folder.prediction_type}, "
           f"{folder.precision}, default size {folder.sample_size}"
-          + (f", graphs optimized for {folder.optimization}" if folder.optimization else ""))
+          + (f", graphs optimized for {folder.optimization}" if folder.optimization else "")
+          + (f", DeepCache branch {folder.deepcache.branch}" if folder.deepcache else ""))
     for spec in folder.specs.values():
         present = "present" if folder.has(spec.name) else "absent"
         ins = ", ".join(f"{t.name}{list(t.shape)}" for t in spec.inputs)
