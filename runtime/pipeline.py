@@ -240,7 +240,7 @@ class Pipeline:
             first = self.unet.output_names[:1]  # out_sample only, also where the graph has deep_features
 
             def run_unet(**feeds):
-                return self.unet.run(first, **feeds)[0]
+                return self.unet.run(outputs=first, **feeds)[0]
 
         def denoise(x, sigma):
             c_skip, c_out, c_in = schedulers.scalings(float(sigma), prediction)
