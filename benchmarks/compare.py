@@ -6,8 +6,9 @@ repetitions; medians and ratios are printed (and written to docs/ with --write-d
 
     python benchmarks/compare.py --sizes 256 --repeats 3
     python benchmarks/compare.py --optimum-python /path/to/venv-with-optimum/bin/python
-    python benchmarks/compare.py --variants int8 low-memory int8+low-memory   # edgesd's opt-in modes too
+    python benchmarks/compare.py --variants int8 low-memory int8+low-memory deepcache   # edgesd's opt-in modes too
     python benchmarks/compare.py --variants tiny-vae   # TAESD decoding (export --tiny-vae)
+    python benchmarks/compare.py --tiny --sizes 64 --repeats 1 --variants deepcache   # plumbing check, seconds
 
 Peers that are not installed are skipped and reported as such.
 """
@@ -26,13 +27,19 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+DEEPCACHE_INTERVAL = 3  # the full UNet every 3 steps, DeepCache's branch 0 between (the paper's common setting)
 ROOT = HERE.parent
 
 
 def cache_dir(args) -> Path:
-    path = Path(args.cache or Path.home() / ".cache" / "edgesd" / "bench")
+    path = Path(args.cache or Path.home() / ".cache" / "edgesd" / "bench") / ("tiny" if args.tiny else "")
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def model_size(args) -> str:
+    """The synthetic SD1.x architecture benchmarked: full (SD1.5) or tiny (plumbing checks)."""
+    return "tiny" if args.tiny else "full"
 
 
 def prepare(args) -> dict:
@@ -40,18 +47,21 @@ def prepare(args) -> dict:
     from edgesd.exporter.export import export
     from edgesd.exporter.synth import write_synthetic_checkpoint
 
-    cache = cache_dir(args)
+    from edgesd.models.families import get_family
+
+    cache, size = cache_dir(args), model_size(args)
+    config = get_family("sd1").config_dir(size if args.tiny else None)
     paths = {"checkpoint": cache / "sd15-synthetic.safetensors", "edgesd": cache / "edgesd-onnx",
              "diffusers": cache / "diffusers", "optimum": cache / "optimum-onnx"}
     if not paths["checkpoint"].exists():
-        print("building the full-size synthetic checkpoint ...", flush=True)
-        write_synthetic_checkpoint("sd1", "full", paths["checkpoint"], seed=0, dtype="fp16")
+        print(f"building the {size}-size synthetic checkpoint ...", flush=True)
+        write_synthetic_checkpoint("sd1", size, paths["checkpoint"], seed=0, dtype="fp16")
     if not paths["edgesd"].exists():
         print("exporting with edgesd ...", flush=True)
-        export(paths["checkpoint"], paths["edgesd"], progress=True)
+        export(paths["checkpoint"], paths["edgesd"], config=config, progress=True)
     if not paths["diffusers"].exists():
         print("writing the diffusers folder ...", flush=True)
-        write_diffusers_folder(paths["checkpoint"], paths["diffusers"])
+        write_diffusers_folder(paths["checkpoint"], paths["diffusers"], config)
     for folder, options in VARIANT_EXPORTS.items():
         paths[folder] = cache / folder
         if any(VARIANTS[v][0] == folder for v in args.variants) and not paths[folder].exists():
@@ -60,7 +70,7 @@ def prepare(args) -> dict:
 
                 options = dict(options, tiny_vae=write_synthetic_tiny_vae(cache / "taesd_decoder.safetensors", seed=0))
             print(f"exporting with edgesd {options} ...", flush=True)
-            export(paths["checkpoint"], paths[folder], progress=True, **options)
+            export(paths["checkpoint"], paths[folder], config=config, progress=True, **options)
     if args.optimum_python and not paths["optimum"].exists():
         print("exporting with optimum ...", flush=True)
         subprocess.run([args.optimum_python, "-m", "optimum.commands.optimum_cli", "export", "onnx", "--model",
@@ -68,17 +78,16 @@ def prepare(args) -> dict:
     return paths
 
 
-def write_diffusers_folder(checkpoint: Path, out: Path) -> None:
+def write_diffusers_folder(checkpoint: Path, out: Path, source_config: Path) -> None:
     import tempfile
 
     from diffusers import StableDiffusionPipeline
 
     from edgesd.exporter.tokenizer_files import write_clip_tokenizer
-    from edgesd.models.families import get_family
 
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "config"
-        shutil.copytree(get_family("sd1").config_dir(), config)
+        shutil.copytree(source_config, config)
         write_clip_tokenizer(config / "tokenizer")
         pipe = StableDiffusionPipeline.from_single_file(str(checkpoint), config=str(config), local_files_only=True,
                                                         safety_checker=None, requires_safety_checker=False)
@@ -112,7 +121,7 @@ def unet_gflop(diffusers_dir: Path, size: int) -> float:
     unet = UNet2DConditionModel.from_pretrained(diffusers_dir, subfolder="unet", local_files_only=True).eval()
     latent = size // 8
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        unet(torch.zeros(2, 4, latent, latent), torch.tensor(500.0), torch.zeros(2, 77, 768))
+        unet(torch.zeros(2, 4, latent, latent), torch.tensor(500.0), torch.zeros(2, 77, unet.config.cross_attention_dim))
     return counter.get_total_flops() / 1e9
 
 
@@ -141,6 +150,8 @@ def main() -> None:
     parser.add_argument("--skip-diffusers", action="store_true")
     parser.add_argument("--variants", nargs="*", default=[], choices=sorted(VARIANTS),
                         help="edgesd's opt-in modes to run beside the exact one")
+    parser.add_argument("--tiny", action="store_true", help="the tiny synthetic model instead of SD1.5 (checks the "
+                        "harness in seconds; its timings mean nothing)")
     parser.add_argument("--write-docs", action="store_true", help="write docs/benchmarks.md")
     args = parser.parse_args()
 
@@ -181,7 +192,7 @@ def main() -> None:
         lines += quality(images)
     text = "\n".join(lines)
     print(text)
-    if args.write_docs:
+    if args.write_docs and not args.tiny:
         (ROOT / "docs" / "benchmarks.md").write_text("# Benchmarks\n\n" + text + "\n")
 
 
@@ -189,11 +200,15 @@ def main() -> None:
 VARIANTS = {"int8": ("edgesd-int8", ()), "low-memory": ("edgesd", ("--low-memory",)),
             "int8+low-memory": ("edgesd-int8", ("--low-memory",)), "optimize-cpu": ("edgesd-optimize-cpu", ()),
             "tiny-vae": ("edgesd-taesd", ("--tiny-vae",)),  # random TAESD weights: its PSNR means nothing
-            "int8+tiny-vae": ("edgesd-int8-taesd", ("--tiny-vae",))}
+            "deepcache": ("edgesd-deepcache", ("--deepcache", str(DEEPCACHE_INTERVAL))),
+            "int8+tiny-vae": ("edgesd-int8-taesd", ("--tiny-vae",)),
+            "int8+deepcache+tiny-vae": ("edgesd-fast", ("--tiny-vae", "--deepcache", str(DEEPCACHE_INTERVAL)))}
 SYNTHETIC_TAESD = "synthetic"  # a seeded random TAESD decoder, written into the cache
+# the exports the variants need besides the exact one: folder -> export() options
 VARIANT_EXPORTS = {"edgesd-int8": {"quantize": "int8"}, "edgesd-optimize-cpu": {"optimize": "cpu"},
-                   "edgesd-taesd": {"tiny_vae": SYNTHETIC_TAESD},
-                   "edgesd-int8-taesd": {"quantize": "int8", "tiny_vae": SYNTHETIC_TAESD}}
+                   "edgesd-taesd": {"tiny_vae": SYNTHETIC_TAESD}, "edgesd-deepcache": {"deepcache": 0},
+                   "edgesd-int8-taesd": {"quantize": "int8", "tiny_vae": SYNTHETIC_TAESD},
+                   "edgesd-fast": {"quantize": "int8", "tiny_vae": SYNTHETIC_TAESD, "deepcache": 0}}
 
 
 def import_seconds(python: str, statement: str, repeats: int = 5) -> float:

@@ -87,8 +87,9 @@ def main() -> None:
 
     import compare
 
-    paths = compare.prepare(argparse.Namespace(cache=args.cache, variants=[], optimum_python=None))
-    files = adapters(compare.cache_dir(args))
+    bench = argparse.Namespace(cache=args.cache, variants=[], optimum_python=None, tiny=False)  # the full model
+    paths = compare.prepare(bench)
+    files = adapters(compare.cache_dir(bench))
     checkpoint_mb = paths["checkpoint"].stat().st_size / 2**20
     systems = {"edgesd (2 LoRAs + hypernetwork)": [sys.executable, __file__, "--child", "edgesd", "--model",
                                                    str(paths["checkpoint"])]
@@ -100,7 +101,7 @@ def main() -> None:
     runs = {name: [] for name in systems}
     for rep in range(args.repeats):
         for name, cmd in (systems.items() if rep % 2 == 0 else reversed(systems.items())):
-            with tempfile.TemporaryDirectory(dir=compare.cache_dir(args)) as tmp:
+            with tempfile.TemporaryDirectory(dir=compare.cache_dir(bench)) as tmp:
                 result = run([*cmd, "--out", str(Path(tmp) / "out")])
             if result:
                 runs[name].append(result)

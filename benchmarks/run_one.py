@@ -1,6 +1,7 @@
 """Run one system once (in its own process) and print a JSON line of measurements.
 
-    python benchmarks/run_one.py edgesd  MODEL_DIR --size 256 --steps 4 --cfg 7 [--low-memory] [--tiny-vae] [--save X.npy]
+    python benchmarks/run_one.py edgesd  MODEL_DIR --size 256 --steps 4 --cfg 7 [--low-memory] [--tiny-vae]
+        [--deepcache N] [--save X.npy]
     python benchmarks/run_one.py optimum OPTIMUM_DIR ...
     python benchmarks/run_one.py diffusers DIFFUSERS_DIR ...
     python benchmarks/run_one.py sdcpp CHECKPOINT ...
@@ -57,7 +58,7 @@ def run_edgesd(args) -> dict:
     pipe = Pipeline.from_pretrained(args.model, provider="cpu", **options)
     load_s = time.perf_counter() - start
     kwargs = dict(num_inference_steps=args.steps, guidance_scale=args.cfg, height=args.size, width=args.size,
-                  seed=1, sampler="Euler", output_type="np")
+                  seed=1, sampler="Euler", output_type="np", deepcache_interval=args.deepcache)
     start = time.perf_counter()
     pipe(PROMPT, **kwargs)  # the first image after loading, then the timed warm one
     first_s = time.perf_counter() - start
@@ -134,6 +135,8 @@ def main() -> None:
     parser.add_argument("--cfg", type=float, default=7.0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--low-memory", action="store_true", help="edgesd: Pipeline(low_memory=True)")
+    parser.add_argument("--deepcache", type=int, default=1, metavar="N",
+                        help="edgesd: deepcache_interval (a folder exported with --deepcache)")
     parser.add_argument("--save", help="edgesd: save the image (.npy) for quality comparisons")
     parser.add_argument("--tiny-vae", action="store_true", help="edgesd: decode with the TAESD graph")
     args = parser.parse_args()

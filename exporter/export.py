@@ -25,7 +25,7 @@ TMP_MARK = ".edgesd-tmp-"
 def export(source, out, *, config=None, prediction=None, overwrite: bool = False, verify: bool = True,
            progress: bool = True, loras=(), hypernetworks=(), lenient: bool = False, quantize: str | None = None,
            precision: str = "fp32", vae_precision: str | None = None, optimize: str | None = None,
-           tiny_vae=None) -> dict:
+           tiny_vae=None, deepcache: int | None = None) -> dict:
     """Export `source` to the folder `out`; returns the manifest written.
 
     `loras` (`FILE[:UNET_W[:TE_W]]` or LoraArg) are fused into the weights and `hypernetworks`
@@ -35,6 +35,8 @@ def export(source, out, *, config=None, prediction=None, overwrite: bool = False
     see exporter.precision); `optimize` ("cpu", "cuda") fuses the graphs with ONNX Runtime's
     transformer optimizer for that target (see exporter.optimize). `tiny_vae` (a TAESD decoder
     file or diffusers AutoencoderTiny folder) adds the graph `vae_decoder_tiny` (see exporter.tiny_vae).
+    `deepcache` (a branch, 0 = the shallowest) also exports DeepCache's graphs: the UNet gains the
+    `deep_features` output and `unet_shallow` is added (see models/deepcache.py).
     """
     from edgesd.exporter.adapters import check_adapter_files, parse_hypernetwork_arg, parse_lora_arg
     from edgesd.exporter.optimize import check_target
@@ -45,6 +47,7 @@ def export(source, out, *, config=None, prediction=None, overwrite: bool = False
     check_precision(precision)
     check_precision(vae_precision, "VAE precision")
     check_target(optimize)
+    check_branch(deepcache)
     if quantize and (precision != "fp32" or optimize):
         raise InvalidArgumentError("--quantize applies to fp32 graphs without --optimize; "
                                    "drop --precision fp16 / --optimize, or --quantize")
@@ -75,7 +78,7 @@ def export(source, out, *, config=None, prediction=None, overwrite: bool = False
         manifest = build_folder(source, tmp, config=config, prediction=prediction, verify=verify, progress=progress,
                                 loras=loras, hypernetworks=hypernetworks, lenient=lenient, quantize=quantize,
                                 precision=precision, vae_precision=vae_precision, optimize=optimize,
-                                tiny_vae=tiny_vae)
+                                tiny_vae=tiny_vae, deepcache=deepcache)
         replace_folder(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -84,6 +87,12 @@ def export(source, out, *, config=None, prediction=None, overwrite: bool = False
                               + (f" ({e.filename})" if e.filename else "")) from None
         raise
     return manifest
+
+
+def check_branch(branch) -> None:
+    """A DeepCache branch is a non-negative integer (its upper bound depends on the UNet: models/deepcache.py)."""
+    if branch is not None and (isinstance(branch, bool) or not isinstance(branch, int) or branch < 0):
+        raise InvalidArgumentError(f"deepcache branch must be an integer >= 0 (0 is the shallowest), got {branch!r}")
 
 
 def remove_stale_temporaries(parent: Path, name: str) -> None:
@@ -145,7 +154,7 @@ def exchange_paths(a: Path, b: Path) -> bool:
 
 def build_folder(source, folder: Path, *, config=None, prediction=None, verify=True, progress=True,
                  loras=(), hypernetworks=(), lenient=False, quantize=None, precision="fp32", vae_precision=None,
-                 optimize=None, tiny_vae=None) -> dict:
+                 optimize=None, tiny_vae=None, deepcache=None) -> dict:
     import diffusers
     import onnx
     import torch
@@ -165,7 +174,7 @@ def build_folder(source, folder: Path, *, config=None, prediction=None, verify=T
 
         adapters = apply_adapters(loaded, loras, hypernetworks, lenient=lenient, warn=_warn)
     family, configs = loaded.family, loaded.configs
-    specs = family.components(configs)
+    specs = family.components(configs, deepcache_branch=deepcache)
     tiny_record = None
     if tiny_vae is not None:
         from edgesd.exporter.tiny_vae import load_tiny_vae
@@ -225,6 +234,8 @@ def build_folder(source, folder: Path, *, config=None, prediction=None, verify=T
         "adapters": adapters,
         **({"tiny_vae": tiny_record} if tiny_record else {}),
     }
+    if deepcache is not None:
+        manifest["deepcache"] = next(s for s in specs if s.name == "unet").deepcache.manifest_entry()
     write_manifest(folder, manifest)
     return manifest
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from edgesd.models.contract import derived_axis_sizes
+
 
 class TextEncoderGraph(torch.nn.Module):
     """input_ids, clip_skip -> the contract's outputs (last_hidden_state, pooler_output or
@@ -95,13 +97,17 @@ class TinyVaeDecoderGraph(torch.nn.Module):
 
 
 def graph_for(spec, model) -> torch.nn.Module:
-    """The torch module whose forward is exactly the contract component `spec` of `model`."""
+    """The torch module whose forward is exactly the contract component `spec` of `model`.
+    A deep-caching folder's UNet graphs are DeepCache's split of the same module (exporter/deepcache.py)."""
+    from edgesd.exporter.deepcache import DeepCacheFullGraph, DeepCacheShallowGraph
     from edgesd.models.contract import TINY_VAE_DECODER
 
     if spec.name == TINY_VAE_DECODER:
         return TinyVaeDecoderGraph(model.tiny_vae, model.vae.config.scaling_factor).eval()
+    full = DeepCacheFullGraph if getattr(spec, "deepcache", None) is not None else UNetGraph
     wrappers = {"text_encoder": (TextEncoderGraph, "text_encoder"), "text_encoder_2": (TextEncoderGraph, "text_encoder_2"),
-                "unet": (UNetGraph, "unet"), "vae_decoder": (VaeDecoderGraph, "vae"), "vae_encoder": (VaeEncoderGraph, "vae")}
+                "unet": (full, "unet"), "unet_shallow": (DeepCacheShallowGraph, "unet"),
+                "vae_decoder": (VaeDecoderGraph, "vae"), "vae_encoder": (VaeEncoderGraph, "vae")}
     cls, attr = wrappers[spec.name]
     return cls(getattr(model, attr), spec).eval()
 
@@ -114,6 +120,7 @@ def example_inputs(spec, configs: dict, *, batch: int, latent_hw: tuple, seed: i
              "latent_height": latent_hw[0], "latent_width": latent_hw[1]}
     if spec.name == "vae_encoder":
         sizes.update(height=latent_hw[0] * scale, width=latent_hw[1] * scale)
+    sizes.update(derived_axis_sizes(spec, *latent_hw))
     tensors = []
     for t in spec.inputs:
         shape = [sizes[d] if isinstance(d, str) else d for d in t.shape]

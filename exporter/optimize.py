@@ -21,8 +21,8 @@ from edgesd.errors import ExportError, unknown_name
 from edgesd.models.manifest import OPTIMIZATION_TARGETS  # cpu: fusions with CPU kernels; cuda: CUDA-only ops too
 
 # component -> the optimizer's model type
-MODEL_TYPES = {"unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae", "text_encoder": "clip",
-               "text_encoder_2": "clip", "vae_decoder_tiny": "vae"}
+MODEL_TYPES = {"unet": "unet", "unet_shallow": "unet", "vae_decoder": "vae", "vae_encoder": "vae",
+               "text_encoder": "clip", "text_encoder_2": "clip", "vae_decoder_tiny": "vae"}
 # FusionOptions flags whose fused ops have CUDA kernels only (NhwcConv, GroupNorm, SkipGroupNorm,
 # BiasSplitGelu, BiasAdd), or whose packed layouts only the CUDA attention kernels read.
 CUDA_ONLY_FUSIONS = ("enable_nhwc_conv", "enable_group_norm", "enable_skip_group_norm", "enable_bias_splitgelu",

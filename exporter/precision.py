@@ -25,6 +25,7 @@ FP32_SCOPES = {
     # sinusoidal embeddings of t (up to 1000) and of SDXL's sizes (up to 1024 and more): fp16's
     # spacing of 0.5 to 1 there scrambles the sin / cos arguments
     "unet": ("/time_proj/", "/add_time_proj/"),
+    "unet_shallow": ("/time_proj/", "/add_time_proj/"),  # DeepCache's shallow pass embeds t the same way
 }
 VAE_COMPONENTS = ("vae_decoder", "vae_encoder")
 

@@ -25,7 +25,7 @@ QUANTIZE_MODES = {
     "int8": (("MatMul", "Gemm"), "attention and linear weights int8 (best quality)"),
     "int8-conv": (("MatMul", "Gemm", "Conv"), "convolutions too (smallest weights, lower quality)"),
 }
-QUANTIZED_COMPONENTS = ("unet",)
+QUANTIZED_COMPONENTS = ("unet", "unet_shallow")
 MIN_SNR_DB = 20.0  # below this the quantized UNet's output is noise-dominated: refuse it
 
 

@@ -157,15 +157,45 @@ def text_encoder_spec(hidden_size: int, name: str = "text_encoder", *, clip_skip
 TIME_IDS = 6
 
 
-def unet_spec(in_channels: int, out_channels: int, context_dim: int, pooled_dim: int | None = None) -> ComponentSpec:
+@dataclass(frozen=True)
+class UNetSpec(ComponentSpec):
+    """A UNet graph. `deepcache`: the models.deepcache.Cut of a folder exported with deep caching
+    (then `unet` also outputs `deep_features` and `unet_shallow` takes them); None otherwise."""
+
+    deepcache: object = None
+
+    def axis_sizes(self, height: int, width: int) -> dict:
+        """Sizes of the axes derived from the latent's: the cached feature's spatial size."""
+        if self.deepcache is None:
+            return {}
+        from edgesd.models.deepcache import feature_size
+
+        return {"deep_height": feature_size(height, self.deepcache.scale),
+                "deep_width": feature_size(width, self.deepcache.scale)}
+
+
+def derived_axis_sizes(spec: ComponentSpec, height: int, width: int) -> dict:
+    """Axes whose size follows from the latent's (none but a deep-caching UNet's)."""
+    return spec.axis_sizes(height, width) if isinstance(spec, UNetSpec) else {}
+
+
+DEEP_FEATURES = "deep_features"
+
+
+def unet_spec(in_channels: int, out_channels: int, context_dim: int, pooled_dim: int | None = None,
+              deepcache=None) -> UNetSpec:
     """The denoiser. `timestep` is a float32 scalar (fractional t, as k-diffusion passes it).
 
     SDXL (`pooled_dim`): also optimum's `text_embeds` (the second encoder's projected pooled
     output) and `time_ids` (original_size + crops_coords_top_left + target_size, in pixels).
+    Deep caching (`deepcache`, a models.deepcache.Cut): a second output `deep_features`, the hidden
+    state entering the cut's up layer, which `unet_shallow` takes at the following steps; consumers
+    that only read `out_sample` (optimum) are unaffected.
     """
     added = () if pooled_dim is None else (TensorSpec("text_embeds", FLOAT, ("batch", pooled_dim)),
                                            TensorSpec("time_ids", FLOAT, ("batch", TIME_IDS)))
-    return ComponentSpec(
+    deep = () if deepcache is None else (deep_features_spec(deepcache),)
+    return UNetSpec(
         "unet",
         inputs=(
             TensorSpec("sample", FLOAT, ("batch", in_channels, "height", "width")),
@@ -173,9 +203,28 @@ def unet_spec(in_channels: int, out_channels: int, context_dim: int, pooled_dim:
             TensorSpec("encoder_hidden_states", FLOAT, ("batch", "sequence", context_dim)),
             *added,
         ),
-        outputs=(TensorSpec("out_sample", FLOAT, ("batch", out_channels, "height", "width")),),
+        outputs=(TensorSpec("out_sample", FLOAT, ("batch", out_channels, "height", "width")), *deep),
         description="model-input latents, timestep, text context" + (", pooled text, time ids" if added else "")
-                    + " -> eps (or v) prediction",
+                    + " -> eps (or v) prediction" + (" and the deep features DeepCache reuses" if deep else ""),
+        deepcache=deepcache,
+    )
+
+
+def deep_features_spec(deepcache) -> TensorSpec:
+    """The cached feature: its own spatial axes (smaller than the latent's below the top level)."""
+    return TensorSpec(DEEP_FEATURES, FLOAT, ("batch", deepcache.channels, "deep_height", "deep_width"))
+
+
+def unet_shallow_spec(unet: UNetSpec) -> UNetSpec:
+    """DeepCache's shallow pass: the UNet's inputs plus the `deep_features` of the last full pass ->
+    out_sample. It runs conv_in, the first down stages and the last up layers only (models/deepcache.py)."""
+    return UNetSpec(
+        "unet_shallow",
+        inputs=(*unet.inputs, deep_features_spec(unet.deepcache)),
+        outputs=unet.outputs[:1],
+        description=f"{unet.description.split(' -> ')[0]}, deep features of the last full step -> eps (or v) "
+                    f"prediction (DeepCache shallow branch {unet.deepcache.branch})",
+        deepcache=unet.deepcache,
     )
 
 

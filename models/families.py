@@ -79,19 +79,25 @@ class Family:
             raise unknown_name(f"size for {self.name}", size, sizes)
         return CONFIG_ROOT / sizes[size]
 
-    def components(self, configs: dict, *, optional: bool = False) -> list:
+    def components(self, configs: dict, *, optional: bool = False, deepcache_branch: int | None = None) -> list:
         """The ONNX components of this family's folder, sized by `configs` (see load_configs);
-        with `optional`, also those a folder may hold (the TAESD decoder of `--tiny-vae`)."""
+        with `optional`, also those a folder may hold (the TAESD decoder of `--tiny-vae`).
+        `deepcache_branch`: the folder also holds DeepCache's `unet_shallow` (models/deepcache.py)."""
+        from edgesd.models import deepcache
+
         unet, vae = configs["unet"], configs["vae"]
+        cut = None if deepcache_branch is None else deepcache.cut(unet, deepcache_branch)
         latent = vae.get("latent_channels", 4)
         texts = [contract.text_encoder_spec(configs[e.name]["hidden_size"], e.name, clip_skip=self.default_clip_skip,
                                             final_norm=e.final_norm,
                                             projection_dim=configs[e.name]["projection_dim"] if e.projection else None)
                  for e in self.text_encoders]
+        unet_spec = contract.unet_spec(unet["in_channels"], unet["out_channels"], unet["cross_attention_dim"],
+                                       pooled_dim(unet), deepcache=cut)
         return [
             *texts,
-            contract.unet_spec(unet["in_channels"], unet["out_channels"], unet["cross_attention_dim"],
-                               pooled_dim(unet)),
+            unet_spec,
+            *([] if cut is None else [contract.unet_shallow_spec(unet_spec)]),
             contract.vae_decoder_spec(latent),
             contract.vae_encoder_spec(latent),
             *([contract.vae_decoder_spec(latent, contract.TINY_VAE_DECODER)] if optional else []),

@@ -37,6 +37,8 @@ OPTIONAL = {
     "optimization": "cpu or cuda: the target ONNX Runtime's optimizer fused the graphs for; null or absent: none",
     "tiny_vae": "{file, sha256, format, latent_channels} of the TAESD decoder exported as vae_decoder_tiny; "
                 "absent: none",
+    "deepcache": "{branch, feature, feature_channels, feature_scale}: the UNet's DeepCache cut (models/deepcache.py); "
+                 "absent: no unet_shallow graph",
 }
 
 
@@ -67,6 +69,10 @@ def validate(manifest: dict) -> dict:
                                f"{', '.join(OPTIMIZATION_TARGETS)} (or null)")
     if not isinstance(manifest.get("tiny_vae", {}), dict):
         raise ModelFolderError(f"{MANIFEST_FILE}: 'tiny_vae' must be an object ({OPTIONAL['tiny_vae']})")
+    deepcache = manifest.get("deepcache")
+    if deepcache is not None and (not isinstance(deepcache, dict) or not isinstance(deepcache.get("branch"), int)
+                                  or isinstance(deepcache.get("branch"), bool)):
+        raise ModelFolderError(f"{MANIFEST_FILE}: deepcache must be an object with an integer 'branch'")
     for key, valid in (("precision", PRECISIONS), ("prediction_type", PREDICTION_TYPES), ("variant", VARIANTS)):
         if manifest[key] not in valid:
             raise ModelFolderError(f"{MANIFEST_FILE}: {key} {manifest[key]!r} is not one of {', '.join(valid)}")

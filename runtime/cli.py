@@ -46,7 +46,7 @@ def cmd_export(args):
                       verify=not args.no_verify, progress=not args.quiet,
                       loras=args.lora, hypernetworks=args.hypernetwork, lenient=args.lenient, quantize=args.quantize,
                       precision=args.precision, vae_precision=args.vae_precision, optimize=args.optimize,
-                      tiny_vae=args.tiny_vae)
+                      tiny_vae=args.tiny_vae, deepcache=args.deepcache)
     print(f"exported {manifest['family']} ({manifest['variant']}, {manifest['prediction_type']}) to {args.output}")
     for name, entry in manifest["components"].items():
         print(f"  {name:16s} verified: {verification_text(entry)}")
@@ -103,7 +103,7 @@ GENERATE_OPTIONS = {"prompt": "prompt", "negative": "negative_prompt", "steps": 
                     "strength": "strength", "mask_blur": "mask_blur", "inpainting_fill": "inpainting_fill",
                     "clip_skip": "clip_skip", "emphasis": "emphasis", "hr_scale": "hr_scale",
                     "hr_upscaler": "hr_upscaler", "hr_steps": "hr_second_pass_steps",
-                    "hr_strength": "hr_denoising_strength"}
+                    "hr_strength": "hr_denoising_strength", "deepcache": "deepcache_interval"}
 
 
 def read_png_parameters(path) -> str:
@@ -264,7 +264,8 @@ def cmd_info(args):
     folder = ModelFolder.open(args.model)
     print(f"{folder.path}: {folder.family.title} ({folder.variant}), {folder.prediction_type}, "
           f"{folder.precision}, default size {folder.sample_size}"
-          + (f", graphs optimized for {folder.optimization}" if folder.optimization else ""))
+          + (f", graphs optimized for {folder.optimization}" if folder.optimization else "")
+          + (f", DeepCache branch {folder.deepcache.branch}" if folder.deepcache else ""))
     for spec in folder.specs.values():
         present = "present" if folder.has(spec.name) else "absent"
         ins = ", ".join(f"{t.name}{list(t.shape)}" for t in spec.inputs)
@@ -343,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp16: UNet and text encoder in float16, with float32 islands where fp16 overflows")
     p.add_argument("--vae-precision", default=None, choices=list(PRECISIONS),
                    help="the VAE's precision (default fp32: real VAEs overflow fp16)")
+    p.add_argument("--deepcache", nargs="?", type=int, const=0, default=None, metavar="BRANCH",
+                   help="also export DeepCache's shallow UNet graph, cut at BRANCH (0, the shallowest, if omitted)")
     p.add_argument("--optimize", default=None, choices=list(OPTIMIZATION_TARGETS),
                    help="fuse the graphs with ONNX Runtime's transformer optimizer for this target "
                         "(cuda graphs hold CUDA-only operators)")
@@ -407,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "Latent (nearest-exact), Lanczos, Nearest")
     p.add_argument("--hr-steps", type=int, default=None, help="hires second-pass steps (0 = as the first pass)")
     p.add_argument("--hr-strength", type=float, default=None, help="hires denoising strength (0.7)")
+    p.add_argument("--deepcache", type=int, default=None, metavar="N",
+                   help="DeepCache: the full UNet every N steps, its shallow pass between (folders exported with "
+                        "--deepcache; 1 = exact, the default)")
     p.add_argument("--from-png", help="take prompt and parameters from a PNG's infotext; options given override")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default 20)")
     p.add_argument("--sampler", default=None, help="sampler (default Euler)")

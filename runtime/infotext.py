@@ -123,7 +123,7 @@ FIELDS = {
     "Size-1": ("width", int), "Size-2": ("height", int), "Variation seed": ("subseed", int),
     "Variation seed strength": ("subseed_strength", float), "ENSD": ("ensd", int),
     "Denoising strength": ("strength", float), "Mask blur": ("mask_blur", float), "Eta": ("eta", float),
-    "Clip skip": ("clip_skip", int), "Emphasis": ("emphasis", str),
+    "Clip skip": ("clip_skip", int), "Emphasis": ("emphasis", str), "DeepCache interval": ("deepcache_interval", int),
 }
 
 

@@ -32,6 +32,20 @@ def check_config_fields(path: Path, configs: dict) -> None:
             raise ModelFolderError(f"{path}: {rel} lacks {', '.join(map(repr, missing))} (not a valid config)")
 
 
+def deepcache_branch(path: Path, manifest: dict | None, configs: dict) -> int | None:
+    """The DeepCache branch the folder was exported with (None: no unet_shallow graph)."""
+    from edgesd.errors import InvalidArgumentError
+    from edgesd.models.deepcache import cut
+
+    entry = (manifest or {}).get("deepcache")
+    if entry is None:
+        return None
+    try:
+        return cut(configs["unet"], entry["branch"]).branch
+    except InvalidArgumentError as e:
+        raise ModelFolderError(f"{path}: edgesd.json: {e}") from None
+
+
 @dataclass
 class ModelFolder:
     path: Path
@@ -65,7 +79,8 @@ class ModelFolder:
             missing = [e.name for e in family.text_encoders if e.name not in configs]
         if missing:
             raise ModelFolderError(f"{path}: not an exported model folder (missing configs: {', '.join(missing)})")
-        specs = {s.name: s for s in family.components(configs, optional=True)}
+        specs = {s.name: s for s in family.components(configs, optional=True,
+                                                       deepcache_branch=deepcache_branch(path, manifest, configs))}
         for name in (*REQUIRED_COMPONENTS, *(e.name for e in family.text_encoders)):
             if not (path / specs[name].path).is_file():
                 raise ModelFolderError(f"{path}: missing {specs[name].path}")
@@ -86,6 +101,11 @@ class ModelFolder:
 
     def has(self, component: str) -> bool:
         return component in self.specs and (self.path / self.specs[component].path).is_file()
+
+    @property
+    def deepcache(self):
+        """The UNet's DeepCache cut (models.deepcache.Cut) when the folder holds `unet_shallow`, else None."""
+        return self.specs["unet"].deepcache if self.has("unet_shallow") else None
 
     @property
     def optimization(self) -> str | None:

@@ -22,6 +22,7 @@ from edgesd.models.contract import TINY_VAE_DECODER
 from edgesd.runtime import providers as provider_names
 from edgesd.runtime.images import to_pil, to_unit_nhwc
 from edgesd.runtime import conditioning, hires, img2img, vae_tiling
+from edgesd.runtime.deepcache import DeepCache, check_interval
 from edgesd.runtime.infotext import call_arguments, create_infotext, parse_infotext
 from edgesd.runtime.model_folder import LazySession, ModelFolder, low_memory_options
 from edgesd.runtime.prompts import check_emphasis
@@ -68,6 +69,7 @@ class Pipeline:
         self.unet = self.open_session("unet")
         self.vae_decoder = self.open_session(TINY_VAE_DECODER if self.tiny_vae else "vae_decoder")
         self._vae_encoder = None
+        self._unet_shallow = None
         scheduler = folder.configs["scheduler"]
         self.sigma_table = schedulers.sigma_table(
             scheduler.get("beta_schedule", "scaled_linear"), scheduler.get("beta_start", 0.00085),
@@ -145,6 +147,8 @@ class Pipeline:
         """Low-memory mode frees a stage's sessions when it ends (reopened if needed again)."""
         if self.low_memory:
             stage_sessions = [e.session for e in self.text_encoders] if stage == "text_encoder" else [getattr(self, stage)]
+            if stage == "unet" and self._unet_shallow is not None:
+                stage_sessions.append(self._unet_shallow)
             for session in stage_sessions:
                 session.release()
 
@@ -215,9 +219,19 @@ class Pipeline:
 
     # -- sampling ---------------------------------------------------------------------
 
+    @property
+    def unet_shallow(self):
+        """DeepCache's shallow UNet session, opened on first use (only deepcache_interval > 1 needs it)."""
+        if self._unet_shallow is None:
+            self._unet_shallow = self.open_session("unet_shallow")
+        return self._unet_shallow
+
     def make_denoiser(self, cond, uncond, guidance_scale: float, timings: dict,
-                      image_cond: np.ndarray | None = None, time_ids: np.ndarray | None = None):
+                      image_cond: np.ndarray | None = None, time_ids: np.ndarray | None = None,
+                      deepcache_interval: int = 1):
         """The `denoise(x, sigma) -> x0` callable over the UNet, with CFG when `uncond` is given.
+        `deepcache_interval` N > 1: the full UNet every N calls, DeepCache's shallow pass between
+        (runtime/deepcache.py); the cache lives in this denoiser, so each sampling run starts full.
 
         `cond`/`uncond` are Conditioning (or plain context arrays). `image_cond` (inpainting models:
         mask + masked-image latent) is appended to the scaled latent's channels unscaled, as LDM's
@@ -235,6 +249,13 @@ class Pipeline:
         if both.pooled is not None:
             added = {"text_embeds": both.pooled, "time_ids": np.repeat(time_ids[None], len(both.pooled), axis=0)}
         t_rank, t_dtype = self.unet.input_ranks["timestep"], self.unet.input_dtypes["timestep"]
+        if deepcache_interval > 1:
+            run_unet = DeepCache(self.unet, self.unet_shallow, deepcache_interval).run
+        else:
+            first = self.unet.output_names[:1]  # out_sample only, also where the graph has deep_features
+
+            def run_unet(**feeds):
+                return self.unet.run(outputs=first, **feeds)[0]
 
         def denoise(x, sigma):
             c_skip, c_out, c_in = schedulers.scalings(float(sigma), prediction)
@@ -248,7 +269,7 @@ class Pipeline:
                 model_in = np.concatenate([model_in, model_in])
             timestep = np.full((len(model_in),) if t_rank else (), t, dtype=t_dtype)
             start = time.perf_counter()
-            out = self.unet.run(sample=model_in, timestep=timestep, encoder_hidden_states=context, **added)[0]
+            out = run_unet(sample=model_in, timestep=timestep, encoder_hidden_states=context, **added)
             timings["unet"] = timings.get("unet", 0.0) + time.perf_counter() - start
             out = out.astype(np.float32)
             if uncond is not None:
@@ -292,7 +313,7 @@ class Pipeline:
                  clip_skip: int | None = None, emphasis: str = "Original", vae_tiling: bool = False,
                  enable_hr: bool = False, hr_scale: float = 2.0, hr_upscaler: str = "Latent",
                  hr_second_pass_steps: int = 0, hr_denoising_strength: float = 0.7,
-                 original_size=None, crops_coords_top_left=(0, 0), target_size=None,
+                 original_size=None, crops_coords_top_left=(0, 0), target_size=None, deepcache_interval: int = 1,
                  **sampler_options) -> GenerationResult:
         """txt2img; img2img with `init_image` (+ `strength`); inpainting with `mask_image` too.
 
@@ -306,6 +327,8 @@ class Pipeline:
         pass of `hr_second_pass_steps` (0: as many as the first) at `hr_denoising_strength`.
         SDXL: `original_size`, `crops_coords_top_left` and `target_size` ((height, width) pairs in
         pixels; the sizes default to the image's) become the UNet's `time_ids`, as in diffusers.
+        `deepcache_interval` N > 1 (folders exported with --deepcache): the full UNet runs every N model
+        calls, the first always, and DeepCache's shallow pass in between (runtime/deepcache.py).
         """
         prompts, negatives = check_prompts(prompt, negative_prompt)
         strength = self.check_img2img(init_image, strength, mask_image, inpainting_fill)
@@ -323,6 +346,7 @@ class Pipeline:
         schedule = schedulers.resolve_schedule(schedule)
         subseed_strength, ensd = check_variation(subseed_strength, ensd)
         clip_skip, emphasis = self.check_clip_skip(clip_skip), check_emphasis(emphasis)
+        deepcache_interval = check_interval(deepcache_interval, self.folder)
         sizes = dict(original_size=original_size, crops_coords_top_left=crops_coords_top_left, target_size=target_size)
         size_ids = conditioning.time_ids(height, width, **sizes)
         hr = None
@@ -361,7 +385,7 @@ class Pipeline:
             init_image, mask_image, width, height, shape, mask_blur, inpainting_fill, seeds, rng, timings,
             bool(vae_tiling))
         denoise = self.make_denoiser(cond, uncond, guidance_scale, timings,
-                                     self.image_conditioning(job, shape, width, height), size_ids)
+                                     self.image_conditioning(job, shape, width, height), size_ids, deepcache_interval)
         if job is None:
             x = latents * np.float32(init_scale)
         else:
@@ -379,7 +403,8 @@ class Pipeline:
             hr_ids = conditioning.time_ids(hr_size[1], hr_size[0], **sizes)
             x = self.hires_pass(x, hr, width, height, (seeds, rng, subseeds, subseed_strength, ensd),
                                 sampler, schedule, self.make_denoiser(cond, uncond, guidance_scale, timings,
-                                                                      time_ids=hr_ids),
+                                                                      time_ids=hr_ids,
+                                                                      deepcache_interval=deepcache_interval),
                                 callback, sampler_options, vae_tiling)
 
         start = time.perf_counter()
@@ -394,6 +419,7 @@ class Pipeline:
         extras = self.extra_params(sampler, sampler_options, rng, subseed_strength, ensd, strength,
                                    mask_image is not None and mask_blur)
         extras.update(prompt_params(prompts + negatives, clip_skip, emphasis))
+        extras.update(deepcache_params(deepcache_interval, self.folder.deepcache))
         if hr is not None:
             extras.update(hires.infotext_fields(hr))
         infotexts = [self.infotext(p, n, steps, sampler, schedule, guidance_scale, s, width, height,
@@ -527,6 +553,13 @@ def prompt_params(texts: list, clip_skip: int, emphasis: str) -> dict:
     bracketed = any("(" in t or "[" in t for t in texts)
     return {"Clip skip": clip_skip if clip_skip > 1 else None,
             "Emphasis": emphasis if emphasis != "Original" and bracketed else None}
+
+
+def deepcache_params(interval: int, cut) -> dict:
+    """Infotext fields of DeepCache, written only when it ran (interval > 1)."""
+    if interval <= 1:
+        return {}
+    return {"DeepCache interval": interval, "DeepCache branch": cut.branch}
 
 
 def _num(x: float):

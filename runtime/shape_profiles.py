@@ -27,6 +27,7 @@ TOKENS_PER_CHUNK = 77  # CLIP's context: 75 prompt tokens + BOS + EOS
 SIZE_FORMS = "WxH (512x512), MIN-MAX (512x512-768x768) or MIN-OPT-MAX (512x512-640x640-768x768)"
 COUNT_FORMS = "N (1), MIN-MAX (1-4) or MIN-OPT-MAX (1-2-4)"
 SIZE_STEP = 8  # the pipeline's image sides are multiples of 8 pixels
+UNET_GRAPHS = ("unet", "unet_shallow")  # fed alike (unet_shallow: DeepCache's, with the deep features too)
 
 
 @dataclass(frozen=True)
@@ -162,9 +163,10 @@ def axis_ranges(spec, profile: ShapeProfile, vae_scale: int) -> dict:
     Axes named `latent_*` are in latent units; plain `height`/`width` are in the component's own
     space: latent for the UNet (it only sees latents), pixels for the VAE graphs."""
     latent_w, latent_h = (_latent(profile.width, vae_scale), _latent(profile.height, vae_scale))
-    own_w, own_h = (latent_w, latent_h) if spec.name == "unet" else (profile.width, profile.height)
-    ranges = {"latent_width": latent_w, "latent_height": latent_h, "width": own_w, "height": own_h}
-    if spec.name == "unet":
+    own_w, own_h = (latent_w, latent_h) if spec.name in UNET_GRAPHS else (profile.width, profile.height)
+    ranges = {"latent_width": latent_w, "latent_height": latent_h, "width": own_w, "height": own_h,
+              **derived_ranges(spec, latent_h, latent_w)}
+    if spec.name in UNET_GRAPHS:
         # images alone without guidance, twice the images (cond + uncond) with it
         ranges["batch"] = Range(profile.batch.min, 2 * profile.batch.opt, 2 * profile.batch.max)
         ranges["sequence"] = profile.chunks.scaled(TOKENS_PER_CHUNK)
@@ -174,6 +176,15 @@ def axis_ranges(spec, profile: ShapeProfile, vae_scale: int) -> dict:
         ranges["batch"] = Range(1, 2 * profile.chunks.opt, 2 * profile.batch.max * profile.chunks.max)
         ranges["sequence"] = Range(TOKENS_PER_CHUNK, TOKENS_PER_CHUNK, TOKENS_PER_CHUNK)
     return ranges
+
+
+def derived_ranges(spec, latent_h: Range, latent_w: Range) -> dict:
+    """Ranges of the axes that follow from the latent's (DeepCache's feature size), at min, opt and max."""
+    from edgesd.models.contract import derived_axis_sizes
+
+    sizes = [derived_axis_sizes(spec, h, w) for h, w in zip((latent_h.min, latent_h.opt, latent_h.max),
+                                                             (latent_w.min, latent_w.opt, latent_w.max))]
+    return {axis: Range(*(s[axis] for s in sizes)) for axis in sizes[0]}
 
 
 def _latent(pixels: Range, vae_scale: int) -> Range:
@@ -229,14 +240,16 @@ def widened(profile: ShapeProfile, spec, feeds: dict, vae_scale: int) -> ShapePr
             if not isinstance(axis, str):
                 continue
             if axis == "batch":
-                if spec.name == "unet":
+                if spec.name in UNET_GRAPHS:
                     batch = batch.covering(math.ceil(size / 2))  # its max is 2x images: either way covered
                 elif not spec.name.startswith("vae"):
                     batch = batch.covering(math.ceil(size / (2 * chunks.max)))
-            elif axis == "sequence" and spec.name == "unet":
+            elif axis == "sequence" and spec.name in UNET_GRAPHS:
                 chunks = chunks.covering(math.ceil(size / TOKENS_PER_CHUNK))
             elif axis.endswith("width") or axis.endswith("height"):
-                pixels = size * vae_scale if axis.startswith("latent") or spec.name == "unet" else size
+                pixels = size * vae_scale if axis.startswith("latent") or spec.name in UNET_GRAPHS else size
+                if axis.startswith("deep_"):  # DeepCache's feature: a fraction of the latent's side
+                    pixels *= spec.deepcache.scale
                 if axis.endswith("width"):
                     width = width.covering(pixels)
                 else:

@@ -142,10 +142,16 @@ class Context:
             self.family_problem = str(e)
         self.specs = {}
         if self.family is not None and all(c in self.configs for c in ("unet", "vae", "text_encoder")):
+            deepcache = (self.raw_manifest or {}).get("deepcache")
+            branch = deepcache.get("branch") if isinstance(deepcache, dict) else None
             try:
-                self.specs = {s.name: s for s in self.family.components(self.configs, optional=True)}
+                self.specs = {s.name: s for s in self.family.components(self.configs, optional=True,
+                                                                        deepcache_branch=branch)}
             except (KeyError, TypeError) as e:
                 self.config_problem = f"configs lack a field the contract needs ({e})"
+            except InvalidArgumentError as e:
+                self.config_problem = f"{MANIFEST_FILE}: {e}"
+                self.specs = {s.name: s for s in self.family.components(self.configs, optional=True)}
         self._sessions, self._loaded = {}, None
 
     @property

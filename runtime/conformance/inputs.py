@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from edgesd.models.contract import derived_axis_sizes
+
 TEXT_SEQUENCE = 77  # what the pipeline feeds the text encoder
 GOLDEN_SEQUENCE = 16  # golden I/O uses a short (valid, dynamic) sequence to stay small
 GOLDEN_SEED = 20240
@@ -25,7 +27,7 @@ def axis_sizes(spec, configs: dict, *, batch: int, latent_hw: tuple, sequence: i
                       for d in t.shape)
     scale = vae_scale(configs) if pixel_space else 1
     return {"batch": batch, "sequence": sequence, "latent_height": lh, "latent_width": lw,
-            "height": lh * scale, "width": lw * scale}
+            "height": lh * scale, "width": lw * scale, **derived_axis_sizes(spec, lh, lw)}
 
 
 def shape_of(tensor, sizes: dict) -> tuple:
