@@ -201,15 +201,16 @@ VARIANTS = {"int8": ("edgesd-int8", ()), "low-memory": ("edgesd", ("--low-memory
             "int8+low-memory": ("edgesd-int8", ("--low-memory",)), "optimize-cpu": ("edgesd-optimize-cpu", ()),
             "tiny-vae": ("edgesd-taesd", ("--tiny-vae",)),  # random TAESD weights: its PSNR means nothing
             "deepcache": ("edgesd-deepcache", ("--deepcache", str(DEEPCACHE_INTERVAL))),
-            "int8+tiny-vae": ("edgesd-int8-taesd", ("--tiny-vae",)),
+            # one int8 + DeepCache + TAESD export serves the combinations (its UNet without
+            # --deepcache is the plain int8 UNet; without --tiny-vae it decodes with the full VAE)
+            "int8+deepcache": ("edgesd-fast", ("--deepcache", str(DEEPCACHE_INTERVAL))),
+            "int8+tiny-vae": ("edgesd-fast", ("--tiny-vae",)),
             "int8+deepcache+tiny-vae": ("edgesd-fast", ("--tiny-vae", "--deepcache", str(DEEPCACHE_INTERVAL)))}
 SYNTHETIC_TAESD = "synthetic"  # a seeded random TAESD decoder, written into the cache
 # the exports the variants need besides the exact one: folder -> export() options
 VARIANT_EXPORTS = {"edgesd-int8": {"quantize": "int8"}, "edgesd-optimize-cpu": {"optimize": "cpu"},
                    "edgesd-taesd": {"tiny_vae": SYNTHETIC_TAESD}, "edgesd-deepcache": {"deepcache": 0},
-                   "edgesd-int8-taesd": {"quantize": "int8", "tiny_vae": SYNTHETIC_TAESD},
                    "edgesd-fast": {"quantize": "int8", "tiny_vae": SYNTHETIC_TAESD, "deepcache": 0}}
-
 
 def import_seconds(python: str, statement: str, repeats: int = 5) -> float:
     """Median wall time of `statement` in a fresh interpreter (the cost a user pays at start)."""
