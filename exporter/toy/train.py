@@ -1,6 +1,6 @@
 """Train the toy model and its adapters, and write the committed artefacts.
 
-    python -m edgesd.exporter.toy.train            # full run (about 25 min on one CPU core)
+    python -m edgesd.exporter.toy.train            # full run (about 31 min on one quiet CPU core)
     python -m edgesd.exporter.toy.train --quick -o /tmp/toy --config /tmp/toy-config
 
 Stages, all seeded (same seed, same machine, same files): VAE; UNet + text encoder; a
