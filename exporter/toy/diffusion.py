@@ -7,6 +7,8 @@ guidance has an unconditional model to push away from.
 from __future__ import annotations
 
 DROP_CAPTION = 0.1
+MIN_SNR = 5.0
+NOISE_OFFSET = 0.1
 
 
 def caption_batch(ids, empty_ids, generator):
@@ -30,7 +32,7 @@ def train_diffusion(unet, text_encoder, latents, ids, empty_ids, *, steps: int, 
     def loss(step):
         idx = torch.randint(0, len(latents), (batch,), generator=generator)
         context = text_encoder(caption_batch(ids[idx], empty_ids, generator))[0]
-        return epsilon_loss(unet, latents[idx], context, generator, table)
+        return epsilon_loss(unet, latents[idx], context, generator, table, min_snr=MIN_SNR, offset=NOISE_OFFSET)
 
     unet.train(), text_encoder.train()
     params = [*unet.parameters(), *text_encoder.parameters()]

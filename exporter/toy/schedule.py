@@ -10,12 +10,29 @@ def alphas_cumprod(beta_start: float = 0.00085, beta_end: float = 0.012, steps: 
     return torch.cumprod(1 - betas, 0).float()
 
 
-def epsilon_loss(unet, latents, context, generator, table):
-    """MSE between the UNet's noise estimate and the noise added at uniform random timesteps."""
+def min_snr_weights(a, gamma: float | None):
+    """Min-SNR-gamma loss weights for epsilon prediction, min(SNR, gamma) / SNR (Hang et al. 2023):
+    the many easy low-noise steps stop crowding out the noisy ones that decide the layout."""
     import torch
 
-    t = torch.randint(0, len(table), (latents.shape[0],), generator=generator)
+    if gamma is None:
+        return torch.ones_like(a)
+    snr = a / (1 - a)
+    return torch.clamp(snr, max=gamma) / snr
+
+
+def epsilon_loss(unet, latents, context, generator, table, *, min_snr: float | None = None, offset: float = 0.0):
+    """MSE between the UNet's noise estimate and the noise added at uniform random timesteps,
+    Min-SNR weighted; `offset` adds a per-channel constant to the noise (offset noise), so the
+    model learns to move an image's mean colour, not only to keep the one in its noise."""
+    import torch
+
+    b, c = latents.shape[:2]
+    t = torch.randint(0, len(table), (b,), generator=generator)
     noise = torch.randn(latents.shape, generator=generator)
-    a = table[t].view(-1, 1, 1, 1)
-    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-    return torch.nn.functional.mse_loss(unet(noisy, t, encoder_hidden_states=context).sample, noise)
+    if offset:
+        noise = noise + offset * torch.randn(b, c, 1, 1, generator=generator)
+    a = table[t]
+    noisy = a.sqrt().view(-1, 1, 1, 1) * latents + (1 - a).sqrt().view(-1, 1, 1, 1) * noise
+    error = (unet(noisy, t, encoder_hidden_states=context).sample - noise) ** 2
+    return (error.mean(dim=(1, 2, 3)) * min_snr_weights(a, min_snr)).mean()

@@ -1,6 +1,6 @@
 """Train the toy model and its adapters, and write the committed artefacts.
 
-    python -m edgesd.exporter.toy.train            # full run (about 25 min on one CPU core)
+    python -m edgesd.exporter.toy.train            # full run (about 31 min on one quiet CPU core)
     python -m edgesd.exporter.toy.train --quick -o /tmp/toy --config /tmp/toy-config
 
 Stages, all seeded (same seed, same machine, same files): VAE; UNet + text encoder; a
@@ -25,14 +25,15 @@ HERE = Path(__file__).resolve().parents[2]
 
 @dataclass
 class Plan:
-    pool: int = 6000
-    vae_steps: int = 4500
+    pool: int = 12000
+    vae_steps: int = 5000
     vae_batch: int = 16
-    unet_steps: int = 2500
+    unet_steps: int = 3000
     unet_batch: int = 32
-    lora_steps: int = 300
-    hyper_steps: int = 300
+    lora_steps: int = 450
+    hyper_steps: int = 450
     adapter_batch: int = 16
+    adapter_lr: float = 3e-3
 
 
 QUICK = Plan(pool=200, vae_steps=5, unet_steps=5, lora_steps=3, hyper_steps=3)
@@ -59,10 +60,6 @@ def save_checkpoint(configs, unet, vae, text, out: Path, seed: int) -> None:
     state = ldm_state_dict(FAMILIES["sd1"], configs, unet, vae, (text,))
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in state.items()}
     save_file(state, str(out), metadata={"format": "pt", "edgesd_toy": f"seed{seed}"})
-
-
-def flipped(images):
-    return images[:, :, ::-1].copy()
 
 
 def train(out: Path, config: Path, plan: Plan, seed: int, log=print) -> dict:
@@ -92,7 +89,7 @@ def train(out: Path, config: Path, plan: Plan, seed: int, log=print) -> dict:
                               generator=generator, log=log)
     times["vae"] = time.time() - t0 - sum(times.values())
 
-    means = torch.cat([encode_means(vae, images), encode_means(vae, flipped(images))])
+    means = encode_means(vae, images)
     scale = float(1 / means.std())
     vae_config_path = config / "vae" / "config.json"
     vae_config = json.loads(vae_config_path.read_text())
@@ -100,26 +97,25 @@ def train(out: Path, config: Path, plan: Plan, seed: int, log=print) -> dict:
     configs["vae"]["scaling_factor"] = round(scale, 5)
     latents = means * round(scale, 5)
     tokens = Tokens()
-    both = scenes + scenes
-    ids, empty = tokens(captions(both)), tokens([""])[0]
+    ids, empty = tokens(captions(scenes)), tokens([""])[0]
     losses["unet"] = train_diffusion(unet, text, latents, ids, empty, steps=plan.unet_steps, batch=plan.unet_batch,
                                      lr=2e-3, generator=generator, log=log)
     save_checkpoint(configs, unet, vae, text, out / ARTEFACTS["checkpoint"], seed)
     times["unet+text"] = time.time() - t0 - sum(times.values())
 
-    plain_ids = tokens(captions(both, with_style=False))
-    styles = np.array([s.style for s in both])
+    plain_ids = tokens(captions(scenes, with_style=False))
+    styles = np.array([s.style for s in scenes])
     text.requires_grad_(False)
     striped = torch.from_numpy(np.nonzero(styles == "striped")[0])
     lora = train_lora(copy.deepcopy(unet), text, latents[striped], plain_ids[striped], steps=plan.lora_steps,
-                      batch=plan.adapter_batch, lr=2e-3, generator=generator, log=log)
+                      batch=plan.adapter_batch, lr=plan.adapter_lr, generator=generator, log=log)
     save_file(lora, str(out / ARTEFACTS["lora"]), metadata={"format": "pt", "ss_network_module": "networks.lora",
                                                             "ss_network_dim": "4", "ss_network_alpha": "4"})
     times["lora"] = time.time() - t0 - sum(times.values())
 
     outlined = torch.from_numpy(np.nonzero(styles == "outlined")[0])
     train_hypernetwork(copy.deepcopy(unet), text, latents[outlined], plain_ids[outlined],
-                       out / ARTEFACTS["hypernetwork"], steps=plan.hyper_steps, batch=plan.adapter_batch, lr=2e-3,
+                       out / ARTEFACTS["hypernetwork"], steps=plan.hyper_steps, batch=plan.adapter_batch, lr=plan.adapter_lr,
                        generator=generator, log=log)
     times["hypernetwork"] = time.time() - t0 - sum(times.values())
     times["total"] = time.time() - t0
