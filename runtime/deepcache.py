@@ -10,18 +10,14 @@ from __future__ import annotations
 
 from edgesd.errors import InvalidArgumentError
 from edgesd.models.contract import DEEP_FEATURES
+from edgesd.runtime.validation import check_int
 
 MAX_INTERVAL = 1000
 
 
 def check_interval(interval, folder) -> int:
     """A validated interval (1 = exact, no caching); >1 needs a folder exported with --deepcache."""
-    if isinstance(interval, bool) or not isinstance(interval, int) and not (
-            isinstance(interval, float) and interval.is_integer()):
-        raise InvalidArgumentError(f"deepcache_interval must be an integer, got {interval!r}")
-    interval = int(interval)
-    if not 1 <= interval <= MAX_INTERVAL:
-        raise InvalidArgumentError(f"deepcache_interval must be between 1 and {MAX_INTERVAL}, got {interval}")
+    interval = check_int("deepcache_interval", interval, 1, MAX_INTERVAL)
     if interval > 1 and folder.deepcache is None:
         raise InvalidArgumentError(f"deepcache_interval {interval} needs a model folder exported with --deepcache; "
                                    f"{folder.path.name} was not (re-export it, or use deepcache_interval=1)")

@@ -23,6 +23,7 @@ from edgesd.runtime import providers as provider_names
 from edgesd.runtime.images import to_pil, to_unit_nhwc
 from edgesd.runtime import conditioning, hires, img2img, vae_tiling
 from edgesd.runtime.deepcache import DeepCache, check_interval
+from edgesd.runtime.validation import check_int
 from edgesd.runtime.infotext import call_arguments, create_infotext, parse_infotext
 from edgesd.runtime.model_folder import LazySession, ModelFolder, low_memory_options
 from edgesd.runtime.prompts import check_emphasis
@@ -589,16 +590,6 @@ def check_finite(name: str, value) -> float:
     if isinstance(value, bool) or not math.isfinite(number):
         raise InvalidArgumentError(f"{name} must be a finite number, got {value!r}")
     return number
-
-
-def check_int(name: str, value, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) and not (
-            isinstance(value, float) and value.is_integer()):
-        raise InvalidArgumentError(f"{name} must be an integer, got {value!r}")
-    value = int(value)
-    if not low <= value <= high:
-        raise InvalidArgumentError(f"{name} must be between {low} and {high}, got {value}")
-    return value
 
 
 def check_size(height, width) -> None:
