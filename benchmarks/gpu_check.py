@@ -9,6 +9,8 @@ Needs onnxruntime-gpu; the torch peer needs torch with CUDA and diffusers. Stage
             fp32), with and without `--optimize cuda`: each image on the CUDA EP against the
             fp32 CPU image, at the tolerances in PARITY_TOLERANCE; CUDA graphs against plain runs.
 - tensorrt: engines built once ahead of time, then loaded from the cache (both timed).
+- noise:    the same model with samplers that draw noise at each step (A1111's CPU generator,
+            Brownian trees), with and without drawing it ahead while the GPU runs the UNet.
 - speed:    the full-size synthetic SD1.5 at 512x512, 20 Euler steps, CFG 7: edgesd on the
             CUDA EP (fp16, IOBinding, with and without CUDA graphs) vs diffusers torch fp16 on
             the same GPU, each in its own process; seconds per image and GPU memory.
@@ -163,10 +165,14 @@ def tensorrt(work: Path, results: list) -> None:
             return
 
 
-def speed(work: Path, results: list, size: int, steps: int, repeats: int, provider: str, wait: float) -> None:
+def wait_for_export(work: Path, wait: float) -> None:
     deadline = time.monotonic() + wait
     while not (work / "export.done").exists() and time.monotonic() < deadline:
         time.sleep(5)  # the export may still be running in the background
+
+
+def speed(work: Path, results: list, size: int, steps: int, repeats: int, provider: str, wait: float) -> None:
+    wait_for_export(work, wait)
     checkpoint = next(work.glob("sd15-*.safetensors"), None)
     systems = []
     for name in FULL_FOLDERS:
@@ -177,14 +183,33 @@ def speed(work: Path, results: list, size: int, steps: int, repeats: int, provid
                             ("edgesd", str(work / name), ["--no-io-binding"])]
     if checkpoint is not None:
         systems.append(("diffusers", str(checkpoint), []))
+    run_systems(results, "speed", systems, size, steps, repeats, provider)
+
+
+def step_noise(work: Path, results: list, size: int, steps: int, repeats: int, provider: str, wait: float) -> None:
+    """A1111's CPU generator costs milliseconds per step on the host; on a GPU it is drawn ahead,
+    while the UNet runs. Each noisy sampler with and without that, beside Euler (no step noise)."""
+    wait_for_export(work, wait)
+    model = str(work / "sd15-fp16-opt")
+    if not Path(model).is_dir():
+        emit(results, {"stage": "noise", "skipped": "sd15-fp16-opt not exported"})
+        return
+    graph = ["--cuda-graph"] if provider == "cuda" else []
+    systems = [("edgesd", model, [*graph, "--sampler", "Euler"])]
+    for sampler in ("Euler a", "DPM++ 2M SDE"):
+        systems += [("edgesd", model, [*graph, "--sampler", sampler, *extra]) for extra in ([], ["--no-prefetch"])]
+    run_systems(results, "noise", systems, size, steps, repeats, provider)
+
+
+def run_systems(results: list, stage: str, systems: list, size: int, steps: int, repeats: int, provider: str) -> None:
+    """Each (system, model, extra arguments) in its own process, one record each."""
     for system, model, extra in systems:
         cmd = [sys.executable, __file__, "one", system, model, "--size", str(size), "--steps", str(steps),
                "--repeats", str(repeats), "--provider", provider, *extra]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("ONE ")]
         record = json.loads(lines[-1][4:]) if lines else {"error": (proc.stdout + proc.stderr)[-1500:]}
-        emit(results, {"stage": "speed", "system": system + " ".join(["", *extra]), "model": Path(model).name,
-                       **record})
+        emit(results, {"stage": stage, "system": " ".join([system, *extra]), "model": Path(model).name, **record})
 
 
 def run_one(args) -> dict:
@@ -194,12 +219,14 @@ def run_one(args) -> dict:
     if args.system == "edgesd":
         from edgesd import Pipeline
 
+        if args.no_prefetch:  # the host then draws each step's noise while the GPU waits
+            Pipeline.host_idle_during_unet = property(lambda self: False)
         start = time.perf_counter()
         pipe = Pipeline.from_pretrained(args.model, provider=args.provider, cuda_graph=args.cuda_graph,
                                         io_binding=False if args.no_io_binding else None)
         load = time.perf_counter() - start
         kwargs = dict(num_inference_steps=args.steps, guidance_scale=7.0, height=args.size, width=args.size,
-                      seed=1, sampler="Euler", output_type="np")
+                      seed=1, sampler=args.sampler, output_type="np")
 
         def generate():
             return pipe(PROMPT, **kwargs)
@@ -239,7 +266,7 @@ def run_one(args) -> dict:
               "gpu_memory_mb": gpu_memory_mb()}
     if timings:
         record.update(unet_step_s=timings.get("unet", 0) / args.steps, vae_s=timings.get("vae_decoder"),
-                      text_s=timings.get("text_encoder"), provider=pipe.provider)
+                      text_s=timings.get("text_encoder"), provider=pipe.provider, timings=timings)
     return record
 
 
@@ -285,7 +312,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--stages", default="env,parity,conformance,tensorrt,speed")
+    p.add_argument("--stages", default="env,parity,conformance,tensorrt,speed,noise")
     p.add_argument("--wait-export", type=float, default=600, help="seconds to wait for a background export")
     p = sub.add_parser("one")
     p.add_argument("system", choices=["edgesd", "diffusers"])
@@ -295,6 +322,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--cuda-graph", action="store_true")
     p.add_argument("--no-io-binding", action="store_true")
+    p.add_argument("--sampler", default="Euler", help="edgesd only (diffusers runs Euler)")
+    p.add_argument("--no-prefetch", action="store_true", help="edgesd: draw step noise when it is needed")
     p.add_argument("--provider", default="cuda")
     args = parser.parse_args()
     if args.command == "export":
@@ -308,7 +337,9 @@ def main() -> None:
               "tensorrt": lambda: tensorrt(args.work, results),
               "conformance": lambda: conformance(args.work, results, args.provider),
               "speed": lambda: speed(args.work, results, args.size, args.steps, args.repeats, args.provider,
-                                     args.wait_export)}
+                                     args.wait_export),
+              "noise": lambda: step_noise(args.work, results, args.size, args.steps, args.repeats, args.provider,
+                                          args.wait_export)}
     for name in args.stages.split(","):
         try:
             stages[name]()

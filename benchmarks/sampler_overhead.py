@@ -38,6 +38,7 @@ def overhead_ms(sampler, shape, steps, repeats=3, rng=None, unet_ms=0.0, prefetc
             t = time.perf_counter()
             calls += 1
             if unet_ms:
+                S.normal.host_idle()  # as the pipeline does before a GPU UNet run
                 time.sleep(unet_ms / 1e3)
             r = out
             inside += time.perf_counter() - t
@@ -52,7 +53,7 @@ def overhead_ms(sampler, shape, steps, repeats=3, rng=None, unet_ms=0.0, prefetc
             noise.first()
             noise = noise.next
         t0 = time.perf_counter()
-        S.sample(sampler, denoise, x, sigmas, seed=seeds, noise=noise)
+        S.sample(sampler, denoise, x, sigmas, seed=seeds, noise=noise, noise_ahead=prefetch)
         total = time.perf_counter() - t0
         best = min(best, (total - inside) / steps * 1e3)
     return best, calls

@@ -131,8 +131,8 @@ class Pipeline:
     @property
     def host_idle_during_unet(self) -> bool:
         """True when the UNet runs on a GPU: the next step's noise is then drawn on a
-        background thread while it runs (on the CPU provider that would only take cores
-        from the UNet)."""
+        worker thread while it runs (on the CPU provider that would only take cores from
+        the UNet)."""
         return provider_names.names(self.providers)[0] != "CPUExecutionProvider"  # without opening a lazy UNet
 
     def prefetch_image_noise(self, sampler: str) -> bool:
@@ -250,6 +250,7 @@ class Pipeline:
         if both.pooled is not None:
             added = {"text_embeds": both.pooled, "time_ids": np.repeat(time_ids[None], len(both.pooled), axis=0)}
         t_rank, t_dtype = self.unet.input_ranks["timestep"], self.unet.input_dtypes["timestep"]
+        host_idle = self.host_idle_during_unet
         if deepcache_interval > 1:
             run_unet = DeepCache(self.unet, self.unet_shallow, deepcache_interval).run
         else:
@@ -269,6 +270,8 @@ class Pipeline:
             if uncond is not None:
                 model_in = np.concatenate([model_in, model_in])
             timestep = np.full((len(model_in),) if t_rank else (), t, dtype=t_dtype)
+            if host_idle:  # the step noise queued ahead is drawn while the UNet runs
+                schedulers.normal.host_idle()
             start = time.perf_counter()
             out = run_unet(sample=model_in, timestep=timestep, encoder_hidden_states=context, **added)
             timings["unet"] = timings.get("unet", 0.0) + time.perf_counter() - start

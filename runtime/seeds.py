@@ -9,8 +9,8 @@ an ENSD changes ancestral images only.
 
 The bit-exact emulations of those generators cost 5-50 ms per step for SD-sized latents
 (runtime/rng.py). On a GPU the host is idle while the UNet runs, so with `prefetch` the
-next step's noise is drawn on a background thread meanwhile: the same numbers, in the
-same order, off the critical path.
+next step's noise is queued (schedulers.normal.ahead) and drawn on a worker thread while
+the UNet runs: the same numbers, in the same order, off the critical path.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from edgesd import schedulers
 from edgesd.errors import InvalidArgumentError
 from edgesd.runtime.rng import SOURCES, make_generator, slerp
 from edgesd.runtime.validation import check_fraction
-from edgesd.schedulers.normal import background
+from edgesd.schedulers.normal import ahead
 
 U64 = 2**64
 RNG_LABELS = {"cpu": "CPU", "nv": "NV"}  # A1111's "Random number generator source" names
@@ -52,19 +52,19 @@ class ImageNoise:
             rows.append(noise)
         if self.ensd:
             self.generators = [make_generator((s + self.ensd) % U64, self.rng) for s in self.seeds]
-        if self.prefetch:  # the first step's noise, while the text encoder and the first UNet call run
-            self._pending = background(self._draw)
+        if self.prefetch:  # the first step's noise, while the first UNet call runs
+            self._pending = ahead(self._draw)
         return np.stack(rows)
 
     def next(self, *_) -> np.ndarray:
         """(batch, *shape) fresh noise, continuing each image's stream (ancestral steps).
-        With `prefetch`, the draw after this one starts on a background thread."""
+        With `prefetch`, the draw after this one is queued, to run while the next UNet call does."""
         if self._pending is not None:
             out, self._pending = self._pending.result(), None
         else:
             out = self._draw()
         if self.prefetch:
-            self._pending = background(self._draw)
+            self._pending = ahead(self._draw)
         return out
 
     def _draw(self) -> np.ndarray:

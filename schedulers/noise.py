@@ -15,7 +15,7 @@ import numpy as np
 
 from edgesd.errors import InvalidArgumentError
 
-from .normal import background, fill_standard_normal, parallel
+from .normal import ahead, fill_standard_normal, parallel
 
 _STEP_STREAM = 0x5EED
 _TREE_STREAM = 0xB7EE
@@ -143,9 +143,10 @@ def brownian_noise(x, sigma_min, sigma_max, seed=None, lookahead=None):
     """k-diffusion's BrownianTreeNoiseSampler: (W(sigma_next) - W(sigma)) / sqrt(|step|),
     one tree per image, on [sigma_min, sigma_max].
 
-    `lookahead`, the schedule's sigmas, makes each draw start walking the trees to the next
-    noise level on a background thread, for when the caller's denoiser leaves the host
-    idle (a GPU UNet); the values are the same, only computed earlier."""
+    `lookahead`, the schedule's sigmas, makes each draw queue the walk of the trees to the
+    next noise level (normal.ahead), done on a worker thread once the caller's denoiser
+    reports the host idle (normal.host_idle, before a GPU UNet runs); the values are the
+    same, only computed earlier."""
     seeds = image_seeds(seed, x.shape[0])
     if seeds is None:
         seeds = [int(s) for s in np.random.default_rng().integers(0, 2**63 - 1, x.shape[0])]
@@ -168,7 +169,7 @@ def brownian_noise(x, sigma_min, sigma_max, seed=None, lookahead=None):
         lower = min(float(sigma), float(sigma_next))
         following = next((s for s in levels if s < lower), None) if levels else None
         if following is not None:
-            pending = background(lambda: parallel(lambda i: trees[i](following), len(trees)))
+            pending = ahead(lambda: parallel(lambda i: trees[i](following), len(trees)))
         return out
 
     return draw

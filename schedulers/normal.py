@@ -8,13 +8,14 @@ each image's draw can run in a thread of its own (numpy releases the GIL for bot
 """
 
 import os
+import threading
 
 import numpy as np
 
 _ONE_BITS = np.uint32(0x3F800000)  # the bits of float32 1.0
 _TWO, _MINUS_TWO, _TWO_PI = np.float32(2), np.float32(-2), np.float32(2 * np.pi)
 _THREADS = min(os.cpu_count() or 1, 8)
-_pool = _ahead = None
+_pool = _worker = None
 
 
 def fill_standard_normal(bit_generator, out):
@@ -56,12 +57,50 @@ def parallel(fn, count):
         future.result()
 
 
-def background(fn):
-    """Start fn() on a single shared worker thread (work done ahead while the caller waits
-    on something else) and return its future."""
-    global _ahead
-    if _ahead is None:
-        from concurrent.futures import ThreadPoolExecutor
+class _Ahead:
+    """A result computed ahead of need (see `ahead`)."""
 
-        _ahead = ThreadPoolExecutor(1, thread_name_prefix="edgesd-ahead")
-    return _ahead.submit(fn)
+    __slots__ = ("fn", "future")
+
+    def __init__(self, fn):
+        self.fn, self.future = fn, None
+
+    def result(self):
+        with _lock:
+            started = self.future is not None
+            if not started:  # the host never went idle: compute it here
+                _queued.remove(self)
+        return self.future.result() if started else self.fn()
+
+
+_queued: list = []
+_lock = threading.Lock()
+
+
+def ahead(fn):
+    """Queue fn() to be computed ahead of need; returns a handle whose `result()` gives it.
+
+    The work starts on a single shared worker thread at the next `host_idle()`, or inline
+    at `result()` if none came first. Starting it earlier would cost the caller: the work is
+    many small numpy calls that hold the GIL, and the caller's own numpy calls, which release
+    it, would hand it over and then wait for it (measured on a GPU: most of the gain lost)."""
+    handle = _Ahead(fn)
+    with _lock:
+        _queued.append(handle)
+    return handle
+
+
+def host_idle():
+    """Start the work queued by `ahead`: call it right before the host blocks without the GIL
+    (a GPU session's run), so that the worker has the interpreter to itself meanwhile."""
+    global _worker
+    with _lock:
+        if not _queued:
+            return
+        if _worker is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _worker = ThreadPoolExecutor(1, thread_name_prefix="edgesd-ahead")
+        for handle in _queued:
+            handle.future = _worker.submit(handle.fn)
+        _queued.clear()

@@ -264,9 +264,10 @@ def sample(sampler, denoise, x, sigmas, *, seed=None, noise=None, callback=None,
     noise from `noise` if given (a callable taking no argument or (sigma, sigma_next)),
     else from per-image streams seeded by `seed` (an int n -> n, n+1, ... per image, or one
     int per image), else from fresh entropy. The SDE samplers use a Brownian tree so their
-    noise does not depend on the step count; `noise_ahead` walks it to the next noise level
-    on a background thread while `denoise` runs (worth it when `denoise` leaves the host
-    idle, as a GPU model does). Returns the final latent (VE space).
+    noise does not depend on the step count; `noise_ahead` queues the walk to the next noise
+    level, which a worker thread does once `denoise` calls `schedulers.normal.host_idle()`
+    right before its model leaves the host idle (a GPU UNet), or inline when the noise is
+    needed. Returns the final latent (VE space).
     """
     name = resolve_sampler(sampler)
     spec = _SAMPLERS[name]

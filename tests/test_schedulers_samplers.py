@@ -423,6 +423,32 @@ def test_brownian_lookahead_changes_nothing(sampler):
     np.testing.assert_array_equal(S.sample(sampler, DENOISE, x, sigmas, seed=[3, 4], noise_ahead=True), expected)
 
 
+def test_work_queued_ahead_waits_for_the_host_to_go_idle():
+    """normal.ahead runs its work on the worker thread only after host_idle(); asked for
+    before that, it is computed inline, and either way exactly once."""
+    import threading
+
+    from edgesd.schedulers import normal
+
+    calls = []
+
+    def work(tag):
+        calls.append((tag, threading.current_thread().name))
+        return tag
+
+    inline = normal.ahead(lambda: work("inline"))
+    assert calls == []  # nothing starts on its own
+    assert inline.result() == "inline" and calls == [("inline", threading.current_thread().name)]
+    assert normal._queued == []
+    queued = [normal.ahead(lambda i=i: work(i)) for i in range(3)]
+    normal.host_idle()
+    assert normal._queued == []
+    assert [h.result() for h in queued] == [0, 1, 2]
+    assert [name.startswith("edgesd-ahead") for _, name in calls[1:]] == [True] * 3
+    assert len(calls) == 4
+    normal.host_idle()  # nothing queued: nothing to do
+
+
 # --- options, errors, callback ----------------------------------------------------------------
 
 

@@ -214,3 +214,49 @@ def test_step_noise_is_prefetched_only_for_ancestral_samplers_on_gpu():
     assert not Pipeline.prefetch_image_noise(gpu, "DPM++ 2M")  # no step noise to draw
     assert not Pipeline.prefetch_image_noise(gpu, "DPM++ 2M SDE")  # Brownian tree, not the image streams
     assert not Pipeline.prefetch_image_noise(cpu, "Euler a")  # it would take cores from the UNet
+
+
+@pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2M SDE"])
+def test_noise_drawn_ahead_while_the_unet_runs_gives_the_same_image(runtime, monkeypatch, sampler):
+    """With the host idle during the UNet (a GPU), the next step's noise is queued and drawn on
+    the worker thread only once the denoiser is about to run the UNet (drawing it earlier
+    fought the sampler for the GIL); the image is unchanged."""
+    import threading
+
+    from edgesd.runtime.pipeline import Pipeline
+    from edgesd.schedulers import normal
+
+    kwargs = dict(num_inference_steps=5, guidance_scale=5.0, seed=11, sampler=sampler, output_type="np")
+    expected = runtime(PROMPT, **kwargs).images
+    events = []
+    run = runtime.unet.run
+
+    def unet_run(*args, **kw):
+        events.append(("unet", len(normal._queued)))
+        return run(*args, **kw)
+
+    original = normal.host_idle
+
+    def host_idle():
+        events.append(("idle", len(normal._queued)))
+        original()
+
+    monkeypatch.setattr(Pipeline, "host_idle_during_unet", property(lambda self: True))
+    monkeypatch.setattr(runtime.unet, "run", unet_run)
+    monkeypatch.setattr(normal, "host_idle", host_idle)
+    threads = set()
+    submit = normal._Ahead.__init__
+
+    def record(self, fn):
+        def wrapped():
+            threads.add(threading.current_thread().name)
+            return fn()
+        submit(self, wrapped)
+
+    monkeypatch.setattr(normal._Ahead, "__init__", record)
+    got = runtime(PROMPT, **kwargs).images
+    np.testing.assert_array_equal(got, expected)
+    assert threads and all(name.startswith("edgesd-ahead") for name in threads)
+    assert [kind for kind, _ in events] == ["idle", "unet"] * 5  # host_idle right before each UNet call
+    assert all(queued == 0 for kind, queued in events if kind == "unet")  # all started by then
+    assert normal._queued == []
