@@ -79,9 +79,11 @@ def euler_ancestral(denoise, x, sigmas, *, noise, callback=None, eta=1.0, s_nois
         denoised = denoise(x, sigma)
         _report(callback, i, sigma, x, denoised)
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
-        x = x + to_d(x, sigma, denoised) * (sigma_down - sigma)
+        # x + (x - denoised) / sigma * (sigma_down - sigma), plus the fresh noise, in one combination
+        terms = [(sigma_down / sigma, x), (1 - sigma_down / sigma, denoised)]
         if sigma_next > 0 and sigma_up > 0:
-            x = x + noise(sigma, sigma_next) * (s_noise * sigma_up)
+            terms.append((s_noise * sigma_up, noise(sigma, sigma_next)))
+        x = linear_combination(terms)
     return x
 
 
@@ -139,15 +141,17 @@ def dpm_2_ancestral(denoise, x, sigmas, *, noise, callback=None, eta=1.0, s_nois
         denoised = denoise(x, sigma)
         _report(callback, i, sigma, x, denoised)
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
-        d = to_d(x, sigma, denoised)
         if sigma_down == 0:
-            x = x + d * (sigma_down - sigma)
+            terms = [(1.0, denoised)]  # an Euler step to 0 lands on the estimate
         else:
+            # x_2 = x + d * (sigma_mid - sigma); x + d_2 * (sigma_down - sigma), d_2 the slope at x_2
             sigma_mid = math.sqrt(sigma * sigma_down)
-            x_2 = x + d * (sigma_mid - sigma)
-            x = x + to_d(x_2, sigma_mid, denoise(x_2, sigma_mid)) * (sigma_down - sigma)
+            x_2 = linear_combination([(sigma_mid / sigma, x), (1 - sigma_mid / sigma, denoised)])
+            c = (sigma_down - sigma) / sigma_mid
+            terms = [(1.0, x), (c, x_2), (-c, denoise(x_2, sigma_mid))]
         if sigma_next > 0 and sigma_up > 0:
-            x = x + noise(sigma, sigma_next) * (s_noise * sigma_up)
+            terms.append((s_noise * sigma_up, noise(sigma, sigma_next)))
+        x = linear_combination(terms)
     return x
 
 
@@ -198,14 +202,14 @@ def dpmpp_2s_ancestral(denoise, x, sigmas, *, noise, callback=None, eta=1.0, s_n
         _report(callback, i, sigma, x, denoised)
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
         if sigma_down == 0:
-            x = denoised
+            terms = [(1.0, denoised)]
         else:
             sigma_s = math.sqrt(sigma * sigma_down)
-            x_2 = (sigma_s / sigma) * x + (1 - sigma_s / sigma) * denoised
-            denoised_2 = denoise(x_2, sigma_s)
-            x = (sigma_down / sigma) * x + (1 - sigma_down / sigma) * denoised_2
+            x_2 = linear_combination([(sigma_s / sigma, x), (1 - sigma_s / sigma, denoised)])
+            terms = [(sigma_down / sigma, x), (1 - sigma_down / sigma, denoise(x_2, sigma_s))]
         if sigma_next > 0 and sigma_up > 0:
-            x = x + noise(sigma, sigma_next) * (s_noise * sigma_up)
+            terms.append((s_noise * sigma_up, noise(sigma, sigma_next)))
+        x = linear_combination(terms)
     return x
 
 
