@@ -8,6 +8,7 @@ Needs onnxruntime-gpu; the torch peer needs torch with CUDA and diffusers. Stage
 - parity:   the embedded toy model exported fp32 and fp16 (UNet and text encoder fp16, VAE
             fp32), with and without `--optimize cuda`: each image on the CUDA EP against the
             fp32 CPU image, at the tolerances in PARITY_TOLERANCE; CUDA graphs against plain runs.
+- features: DeepCache and the TAESD decoder (a toy export with both) on the GPU against the CPU.
 - tensorrt: engines built once ahead of time, then loaded from the cache (both timed).
 - noise:    the same model with samplers that draw noise at each step (A1111's CPU generator,
             Brownian trees), with and without drawing it ahead while the GPU runs the UNet.
@@ -46,7 +47,9 @@ def edgesd_cli(*args) -> list:
 # -- export (before the checks; CPU only) -----------------------------------------------
 
 TOY_FOLDERS = {"toy-fp32": {}, "toy-fp16": {"precision": "fp16"},
-               "toy-fp16-opt": {"precision": "fp16", "optimize": "cuda"}}
+               "toy-fp16-opt": {"precision": "fp16", "optimize": "cuda"},
+               "toy-features": {"deepcache": 0, "tiny_vae": "synthetic"},
+               "toy-features-opt": {"deepcache": 0, "precision": "fp16", "optimize": "cuda"}}
 FULL_FOLDERS = {"sd15-fp16-opt": {"precision": "fp16", "optimize": "cuda"}, "sd15-fp16": {"precision": "fp16"}}
 
 
@@ -61,8 +64,13 @@ def export_all(work: Path, size: str, folders: list) -> None:
     work.mkdir(parents=True, exist_ok=True)
     toy = artefact_path("checkpoint")
     for name in (n for n in folders if n in TOY_FOLDERS):
-        timed_export(work, name, lambda out, o=TOY_FOLDERS[name]: export(toy, out, config=config_dir(), overwrite=True,
-                                                                         progress=False, **o))
+        options = dict(TOY_FOLDERS[name])
+        if options.get("tiny_vae") == "synthetic":  # random TAESD weights: only CPU/GPU agreement is checked
+            from edgesd.exporter.synth import write_synthetic_tiny_vae
+
+            options["tiny_vae"] = write_synthetic_tiny_vae(work / "taesd_decoder.safetensors", seed=0)
+        timed_export(work, name, lambda out, o=options: export(toy, out, config=config_dir(), overwrite=True,
+                                                               progress=False, **o))
     config = None if size == "full" else CONFIG_ROOT / "sd1-tiny"
     checkpoint = work / f"sd15-{size}.safetensors"
     full = [n for n in folders if n in FULL_FOLDERS]
@@ -138,6 +146,36 @@ def parity(work: Path, results: list, provider: str) -> None:
             emit(results, record)
         except Exception as e:
             emit(results, {"stage": "parity", "run": label, "error": f"{type(e).__name__}: {e}"[:600]})
+
+
+def features(work: Path, results: list, provider: str) -> None:
+    """DeepCache (its cached deep features between the two UNet graphs) and the TAESD decoder
+    on the GPU provider, with IOBinding (and a CUDA graph where the export allows one), against
+    the fp32 export with the same settings on the CPU."""
+    from edgesd import Pipeline
+
+    reference_folder = work / "toy-features"
+    if not reference_folder.is_dir():
+        emit(results, {"stage": "features", "skipped": "toy-features not exported"})
+        return
+    args = dict(prompt=TOY_PROMPT, negative_prompt="", num_inference_steps=20, guidance_scale=7.0, seed=1,
+                sampler="Euler a", output_type="np")
+    runs = [("deepcache 3", "toy-features", "fp32", {}, {"deepcache_interval": 3}),
+            ("tiny vae", "toy-features", "fp32", {"tiny_vae": True}, {}),
+            ("deepcache 3 + tiny vae", "toy-features", "fp32", {"tiny_vae": True}, {"deepcache_interval": 3}),
+            ("fp16 --optimize cuda, deepcache 3", "toy-features-opt", "fp16", {}, {"deepcache_interval": 3}),
+            ("fp16 --optimize cuda, deepcache 3, cuda graph", "toy-features-opt", "fp16", {"cuda_graph": True},
+             {"deepcache_interval": 3})]
+    for label, folder, precision, load, call in runs:
+        try:
+            cpu = Pipeline.from_pretrained(reference_folder, provider="cpu", tiny_vae=load.get("tiny_vae", False))
+            gpu = Pipeline.from_pretrained(work / folder, provider=provider, **load)
+            reference, image = cpu(**args, **call).images, gpu(**args, **call).images
+            record = {"stage": "features", "run": label, "provider": gpu.provider, **image_difference(image, reference)}
+            record["pass"] = all(record[k] <= v for k, v in PARITY_TOLERANCE[precision].items())
+            emit(results, record)
+        except Exception as e:
+            emit(results, {"stage": "features", "run": label, "error": f"{type(e).__name__}: {e}"[:600]})
 
 
 def conformance(work: Path, results: list, provider: str) -> None:
@@ -336,6 +374,7 @@ def main() -> None:
     stages = {"env": lambda: env_facts(results), "parity": lambda: parity(args.work, results, args.provider),
               "tensorrt": lambda: tensorrt(args.work, results),
               "conformance": lambda: conformance(args.work, results, args.provider),
+              "features": lambda: features(args.work, results, args.provider),
               "speed": lambda: speed(args.work, results, args.size, args.steps, args.repeats, args.provider,
                                      args.wait_export),
               "noise": lambda: step_noise(args.work, results, args.size, args.steps, args.repeats, args.provider,
