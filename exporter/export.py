@@ -162,7 +162,9 @@ def build_folder(source, folder: Path, *, config=None, prediction=None, verify=T
 
     from edgesd import __version__
     from edgesd.exporter.load import load_model
-    from edgesd.exporter.onnx_export import OPSET, export_component, verify_component
+    from edgesd.exporter.golden import golden_arrays, write_golden
+    from edgesd.exporter.graphs import modules_of
+    from edgesd.exporter.onnx_export import OPSET, export_component, torch_reference, verify_component
     from edgesd.exporter.quantize import MIN_SNR_DB, QUANTIZED_COMPONENTS, quantize_component
     from edgesd.exporter.tokenizer_files import write_clip_tokenizer
     from edgesd.models.families import sample_size
@@ -183,32 +185,37 @@ def build_folder(source, folder: Path, *, config=None, prediction=None, verify=T
         loaded.tiny_vae, configs["tiny_vae"], tiny_record = load_tiny_vae(tiny_vae, family, configs, warn=_warn)
         specs += [s for s in family.components(configs, optional=True) if s.name == TINY_VAE_DECODER]
     components = {}
+    last_use = {attr: i for i, spec in enumerate(specs) for attr in modules_of(spec)}
     with tqdm(total=2 * len(specs) + 1, desc="export", unit="step", disable=not progress) as bar:
-        for spec in specs:
+        write_configs(folder, configs, loaded)  # before the modules are freed: their full configs go with them
+        for i, spec in enumerate(specs):
             bar.set_postfix_str(f"{spec.name}: export")
+            golden = write_golden(folder, spec.name, golden_arrays(spec, loaded, configs))  # I/O `edgesd check` re-runs
+            reference = torch_reference(spec, loaded, configs) if verify else None
             path = export_component(spec, loaded, configs, folder, opset=OPSET)
+            free_modules(loaded, [a for a in modules_of(spec) if last_use[a] == i])
             bar.update()
             entry = record_files({"path": spec.path, "precision": "fp32"}, spec, path)
             if verify:
                 bar.set_postfix_str(f"{spec.name}: verify")
-                entry["verification"] = verify_component(spec, loaded, configs, path)
+                entry["verification"] = verify_component(spec, reference, path)
             half = component_precision(spec.name, precision, vae_precision) == "fp16"
             if optimize or half:
                 bar.set_postfix_str(f"{spec.name}: " + ("optimize" if optimize else "fp16"))
                 entry.update(transform_graph(spec, path, optimize, half), precision="fp16" if half else "fp32")
                 record_files(entry, spec, path)
                 if verify:
-                    entry["verification"] = verify_transformed(spec, loaded, configs, path, entry)
+                    entry["verification"] = verify_transformed(spec, reference, path, entry)
             if quantize and spec.name in QUANTIZED_COMPONENTS:
                 bar.set_postfix_str(f"{spec.name}: quantize")
                 entry.update(precision="int8", quantization=quantize_component(path, quantize))
                 record_files(entry, spec, path)
                 if verify:
-                    entry["verification"] = verify_component(spec, loaded, configs, path, min_snr_db=MIN_SNR_DB)
+                    entry["verification"] = verify_component(spec, reference, path, min_snr_db=MIN_SNR_DB)
+            entry["golden"] = golden
             bar.update()
             components[spec.name] = entry
-        bar.set_postfix_str("configs")
-        write_configs(folder, configs, loaded)
+        bar.set_postfix_str("tokenizer")
         for encoder in family.text_encoders:
             given = loaded.tokenizer_dir.parent / encoder.tokenizer if loaded.tokenizer_dir else None
             if given is not None and (given / "vocab.json").is_file():
@@ -216,9 +223,6 @@ def build_folder(source, folder: Path, *, config=None, prediction=None, verify=T
             else:
                 write_clip_tokenizer(folder / encoder.tokenizer, pad_token=encoder.pad_token)
         bar.update()
-    from edgesd.exporter.golden import write_golden
-
-    write_golden(specs, loaded, configs, folder, components)  # seeded I/O that `edgesd check` re-runs
     manifest = {
         "format_version": FORMAT_VERSION,
         "family": family.name,
@@ -284,7 +288,17 @@ def with_domain_imports(proto):
     return proto
 
 
-def verify_transformed(spec, loaded, configs: dict, path: Path, entry: dict) -> dict:
+def free_modules(loaded, attrs) -> None:
+    """Drop torch modules no later graph needs, so that the next export and the ONNX sessions
+    that verify it do not share the memory with them."""
+    import gc
+
+    for attr in attrs:
+        setattr(loaded, attr, None)
+    gc.collect()
+
+
+def verify_transformed(spec, reference: list, path: Path, entry: dict) -> dict:
     """Verify the optimized / fp16 graph against torch where the CPU can run it (at the fp16
     tolerance for fp16); a graph with CUDA-only ops keeps the verification of its fp32 export."""
     from edgesd.exporter.onnx_export import cpu_load_problem, verify_component
@@ -294,7 +308,7 @@ def verify_transformed(spec, loaded, configs: dict, path: Path, entry: dict) -> 
     if problem is None:
         if "optimization" in entry:
             entry["optimization"]["verified_on_cpu"] = True
-        return verify_component(spec, loaded, configs, path, tolerance=TOLERANCE[entry["precision"]])
+        return verify_component(spec, reference, path, tolerance=TOLERANCE[entry["precision"]])
     entry["optimization"]["verified_on_cpu"] = False
     entry["optimization"]["not_verified_because"] = problem
     return dict(entry["verification"], graph="the fp32 export, before optimization")

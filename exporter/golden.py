@@ -22,24 +22,28 @@ def golden_path(component: str) -> str:
     return f"{GOLDEN_DIR}/{component}.npz"
 
 
-def write_golden(specs, model, configs: dict, folder: Path, components: dict) -> None:
-    """Write golden/<component>.npz for each spec; record {path, sha256} in components[name]["golden"]."""
+def golden_arrays(spec, model, configs: dict) -> dict:
+    """{input.NAME / output.NAME: array} for `spec`: seeded inputs and the torch outputs for them."""
     import torch
 
     from edgesd.exporter.graphs import graph_for
 
+    inputs = golden_inputs(spec, configs)
+    graph = graph_for(spec, model)
+    dtype = next(graph.parameters()).dtype  # float inputs follow the module's weights
+    tensors = [torch.from_numpy(np.ascontiguousarray(inputs[t.name])) for t in spec.inputs]
+    tensors = [x.to(dtype) if x.is_floating_point() and x.ndim else x for x in tensors]
+    with torch.no_grad():
+        outputs = graph(*tensors)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    arrays = {f"input.{k}": v for k, v in inputs.items()}
+    arrays.update({f"output.{t.name}": o.detach().float().numpy() for t, o in zip(spec.outputs, outputs)})
+    return arrays
+
+
+def write_golden(folder: Path, component: str, arrays: dict) -> dict:
+    """Write golden/<component>.npz; return its manifest record {path, sha256}."""
     (Path(folder) / GOLDEN_DIR).mkdir(exist_ok=True)
-    for spec in specs:
-        inputs = golden_inputs(spec, configs)
-        graph = graph_for(spec, model)
-        dtype = next(graph.parameters()).dtype  # float inputs follow the module's weights
-        tensors = [torch.from_numpy(np.ascontiguousarray(inputs[t.name])) for t in spec.inputs]
-        tensors = [x.to(dtype) if x.is_floating_point() and x.ndim else x for x in tensors]
-        with torch.no_grad():
-            outputs = graph(*tensors)
-        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-        arrays = {f"input.{k}": v for k, v in inputs.items()}
-        arrays.update({f"output.{t.name}": o.detach().float().numpy() for t, o in zip(spec.outputs, outputs)})
-        path = Path(folder) / golden_path(spec.name)
-        np.savez_compressed(path, **arrays)
-        components[spec.name]["golden"] = {"path": golden_path(spec.name), "sha256": sha256_file(path)}
+    path = Path(folder) / golden_path(component)
+    np.savez_compressed(path, **arrays)
+    return {"path": golden_path(component), "sha256": sha256_file(path)}

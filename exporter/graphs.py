@@ -105,11 +105,18 @@ def graph_for(spec, model) -> torch.nn.Module:
     if spec.name == TINY_VAE_DECODER:
         return TinyVaeDecoderGraph(model.tiny_vae, model.vae.config.scaling_factor).eval()
     full = DeepCacheFullGraph if getattr(spec, "deepcache", None) is not None else UNetGraph
-    wrappers = {"text_encoder": (TextEncoderGraph, "text_encoder"), "text_encoder_2": (TextEncoderGraph, "text_encoder_2"),
-                "unet": (full, "unet"), "unet_shallow": (DeepCacheShallowGraph, "unet"),
-                "vae_decoder": (VaeDecoderGraph, "vae"), "vae_encoder": (VaeEncoderGraph, "vae")}
-    cls, attr = wrappers[spec.name]
-    return cls(getattr(model, attr), spec).eval()
+    wrappers = {"text_encoder": TextEncoderGraph, "text_encoder_2": TextEncoderGraph, "unet": full,
+                "unet_shallow": DeepCacheShallowGraph, "vae_decoder": VaeDecoderGraph, "vae_encoder": VaeEncoderGraph}
+    return wrappers[spec.name](getattr(model, modules_of(spec)[0]), spec).eval()
+
+
+def modules_of(spec) -> tuple:
+    """The LoadedModel attributes whose modules the graph of `spec` uses (several graphs may share one)."""
+    from edgesd.models.contract import TINY_VAE_DECODER
+
+    if spec.name == TINY_VAE_DECODER:
+        return ("tiny_vae", "vae")  # the VAE's scaling factor
+    return {"unet_shallow": ("unet",), "vae_decoder": ("vae",), "vae_encoder": ("vae",)}.get(spec.name, (spec.name,))
 
 
 def example_inputs(spec, configs: dict, *, batch: int, latent_hw: tuple, seed: int) -> list:

@@ -160,9 +160,32 @@ def cpu_load_problem(path: Path) -> str | None:
     return None
 
 
-def verify_component(spec, model, configs: dict, path: Path, *, tolerance: float = FP32_TOLERANCE,
+VERIFY_CASES = ((1, 2, (9, 11)), (2, 1, (8, 6)))  # (seed, batch, latent size): the second differs from the trace
+
+
+def torch_reference(spec, model, configs: dict) -> list:
+    """[(inputs, outputs)] of the torch module on the verification inputs, as numpy arrays.
+
+    Taken before the module is freed: the exporter then verifies the ONNX graph without the
+    torch weights in memory beside the session's (together they were the export's peak)."""
+    import torch
+
+    from edgesd.exporter.graphs import example_inputs, graph_for
+
+    graph = graph_for(spec, model)
+    cases = []
+    for seed, batch, hw in VERIFY_CASES:
+        inputs = example_inputs(spec, configs, batch=batch, latent_hw=hw, seed=seed)
+        with torch.no_grad():
+            outputs = graph(*inputs)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        cases.append(([x.numpy() for x in inputs], [o.detach().double().numpy() for o in outputs]))
+    return cases
+
+
+def verify_component(spec, reference: list, path: Path, *, tolerance: float = FP32_TOLERANCE,
                      min_snr_db: float | None = None) -> dict:
-    """Run torch and onnxruntime on seeded inputs of two shapes; return the errors.
+    """Run onnxruntime on the inputs of `reference` (torch_reference) and compare; return the errors.
 
     The second shape differs from the traced one in batch and spatial size, so a dynamic
     axis that was frozen during tracing shows up here as a failure. A quantized graph is
@@ -171,11 +194,7 @@ def verify_component(spec, model, configs: dict, path: Path, *, tolerance: float
     from edgesd.exporter.quantize import output_snr_db
 
     import onnxruntime as ort
-    import torch
 
-    from edgesd.exporter.graphs import example_inputs, graph_for
-
-    graph = graph_for(spec, model)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -183,15 +202,10 @@ def verify_component(spec, model, configs: dict, path: Path, *, tolerance: float
     worst = {"max_abs_error": 0.0, "relative_error": 0.0, "tolerance": tolerance}
     if min_snr_db is not None:
         worst = {"max_abs_error": 0.0, "relative_error": 0.0, "min_snr_db": min_snr_db, "snr_db": 300.0}
-    for seed, batch, hw in ((1, 2, (9, 11)), (2, 1, (8, 6))):
-        inputs = example_inputs(spec, configs, batch=batch, latent_hw=hw, seed=seed)
-        with torch.no_grad():
-            expected = graph(*inputs)
-        expected = expected if isinstance(expected, tuple) else (expected,)
-        feed = {t.name: x.numpy().astype(dtypes[t.name]) for t, x in zip(spec.inputs, inputs)}
+    for inputs, expected in reference:
+        feed = {t.name: x.astype(dtypes[t.name]) for t, x in zip(spec.inputs, inputs)}
         got = session.run(spec.output_names, feed)
         for name, e, g in zip(spec.output_names, expected, got):
-            e = e.detach().double().numpy()
             if not np.isfinite(e).all():
                 raise ExportError(f"{spec.name}: output {name} is not finite in torch either: the weights overflow "
                                   "(with adapters fused, lower their strengths)")

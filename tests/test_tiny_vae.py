@@ -180,7 +180,7 @@ def test_optimized_and_fp16_tiny_graphs_match_torch(tiny_vae_export, reference_t
     import shutil
 
     from edgesd.exporter.export import transform_graph
-    from edgesd.exporter.onnx_export import verify_component
+    from edgesd.exporter.onnx_export import torch_reference, verify_component
     from edgesd.models.families import EXPORTED_CONFIG_FILES, get_family, load_configs
 
     configs = load_configs(tiny_vae_export, EXPORTED_CONFIG_FILES)
@@ -189,7 +189,7 @@ def test_optimized_and_fp16_tiny_graphs_match_torch(tiny_vae_export, reference_t
     shutil.copy(tiny_vae_export / spec.path, path)
     records = transform_graph(spec, path, optimize, half)
     model = SimpleNamespace(tiny_vae=reference_tiny, vae=SimpleNamespace(config=SimpleNamespace(scaling_factor=0.18215)))
-    check = verify_component(spec, model, configs, path, tolerance=2e-2 if half else 1e-3)
+    check = verify_component(spec, torch_reference(spec, model, configs), path, tolerance=2e-2 if half else 1e-3)
     assert ("fp16" in records) == half and ("optimization" in records) == bool(optimize)
     assert check["relative_error"] <= (2e-2 if half else 1e-3)
 
