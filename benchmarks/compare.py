@@ -6,7 +6,7 @@ repetitions; medians and ratios are printed (and written to docs/ with --write-d
 
     python benchmarks/compare.py --sizes 256 --repeats 3
     python benchmarks/compare.py --optimum-python /path/to/venv-with-optimum/bin/python
-    python benchmarks/compare.py --variants int8 low-memory int8+low-memory deepcache   # edgesd's opt-in modes too
+    python benchmarks/compare.py --variants int8 low-memory int8+low-memory int8-conv+low-memory deepcache   # opt-in modes
     python benchmarks/compare.py --variants tiny-vae   # TAESD decoding (export --tiny-vae)
     python benchmarks/compare.py --tiny --sizes 64 --repeats 1 --variants deepcache   # plumbing check, seconds
 
@@ -199,6 +199,7 @@ def main() -> None:
 # variant -> (the export it runs, run_one.py options); the exports variants need besides the exact one
 VARIANTS = {"int8": ("edgesd-int8", ()), "low-memory": ("edgesd", ("--low-memory",)),
             "int8+low-memory": ("edgesd-int8", ("--low-memory",)), "optimize-cpu": ("edgesd-optimize-cpu", ()),
+            "int8-conv+low-memory": ("edgesd-int8conv", ("--low-memory",)),
             "tiny-vae": ("edgesd-taesd", ("--tiny-vae",)),  # random TAESD weights: its PSNR means nothing
             "deepcache": ("edgesd-deepcache", ("--deepcache", str(DEEPCACHE_INTERVAL))),
             # one int8 + DeepCache + TAESD export serves the combinations (its UNet without
@@ -208,7 +209,8 @@ VARIANTS = {"int8": ("edgesd-int8", ()), "low-memory": ("edgesd", ("--low-memory
             "int8+deepcache+tiny-vae": ("edgesd-fast", ("--tiny-vae", "--deepcache", str(DEEPCACHE_INTERVAL)))}
 SYNTHETIC_TAESD = "synthetic"  # a seeded random TAESD decoder, written into the cache
 # the exports the variants need besides the exact one: folder -> export() options
-VARIANT_EXPORTS = {"edgesd-int8": {"quantize": "int8"}, "edgesd-optimize-cpu": {"optimize": "cpu"},
+VARIANT_EXPORTS = {"edgesd-int8": {"quantize": "int8"}, "edgesd-int8conv": {"quantize": "int8-conv"},
+                   "edgesd-optimize-cpu": {"optimize": "cpu"},
                    "edgesd-taesd": {"tiny_vae": SYNTHETIC_TAESD}, "edgesd-deepcache": {"deepcache": 0},
                    "edgesd-fast": {"quantize": "int8", "tiny_vae": SYNTHETIC_TAESD, "deepcache": 0}}
 
