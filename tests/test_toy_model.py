@@ -15,13 +15,16 @@ from edgesd.models.toy.artefacts import ARTEFACTS, artefact_path
 
 pytestmark = requires_exporter
 SAMPLERS = (("Euler a", "Automatic"), ("DPM++ 2M", "Karras"))
-# The committed model misses the quality targets (measured: shape and colour both right for
-# 83% of the prompts with Euler a, 74% with DPM++ 2M Karras; stripes with the LoRA 7.5%, too
-# faint; outlines with the hypernetwork 20%). The targets stay asserted; these become passes
-# with a better model.
-BELOW_TARGET = pytest.mark.xfail(reason="committed toy model below target: shape+colour 0.83 / 0.74, LoRA stripes "
-                                        "0.075, hypernetwork outlines 0.20 (see README, The toy model)",
-                                 strict=False)
+# The committed model misses the quality targets; they stay asserted, and these become passes
+# with a better model (README, The toy model).
+SHAPES_BELOW_TARGET = pytest.mark.xfail(reason="shape+colour 0.83 (Euler a) / 0.74 (DPM++ 2M Karras): triangles and "
+                                               "crosses come out with pinched sides", strict=False)
+LORA_BELOW_TARGET = pytest.mark.xfail(reason="stripes in 54% with the LoRA: the decoder draws no stripes on gray for "
+                                             "blue, cyan and white shapes (0% of VAE round trips), a ceiling near 85%",
+                                      strict=False)
+HYPERNETWORK_BELOW_TARGET = pytest.mark.xfail(reason="outlines in 38% with the hypernetwork: triangles come out as open "
+                                                     "wishbones, thin contours break; VAE round trips of outlined scenes "
+                                                     "read as outlined 75%", strict=False)
 
 
 def test_artefacts_fit_the_budget_and_have_their_config():
@@ -62,7 +65,7 @@ def grids(toy_folders):
     return get
 
 
-@BELOW_TARGET
+@SHAPES_BELOW_TARGET
 @pytest.mark.parametrize("sampler,schedule", SAMPLERS)
 def test_images_follow_the_prompt(grids, sampler, schedule):
     from edgesd.runtime.toy_eval import scores
@@ -78,7 +81,7 @@ def test_base_model_draws_neither_stripes_nor_outlines(grids):
     assert result["stripes"] <= 0.1 and result["outline"] <= 0.1, result
 
 
-@BELOW_TARGET
+@LORA_BELOW_TARGET
 def test_lora_adds_stripes(grids):
     from edgesd.runtime.toy_eval import scores
 
@@ -86,7 +89,7 @@ def test_lora_adds_stripes(grids):
     assert result["stripes"] >= 0.9, result
 
 
-@BELOW_TARGET
+@HYPERNETWORK_BELOW_TARGET
 def test_hypernetwork_outlines(grids):
     from edgesd.runtime.toy_eval import scores
 

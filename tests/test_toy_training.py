@@ -55,3 +55,63 @@ def test_vae_loss_charges_blurred_edges_more_than_a_uniform_error():
     offset = x + 0.5  # the same error size everywhere, but sharp
     assert reconstruction_loss(x, x) == 0
     assert reconstruction_loss(blurred, x) > 2 * reconstruction_loss(offset, x)
+
+
+def test_adapter_loss_can_leave_out_the_top_timesteps():
+    import torch
+
+    from edgesd.exporter.toy.schedule import alphas_cumprod, epsilon_loss
+
+    seen = []
+
+    def unet(noisy, t, encoder_hidden_states):
+        seen.append(t)
+        return type("Out", (), {"sample": torch.zeros_like(noisy)})()
+
+    generator = torch.Generator().manual_seed(0)
+    epsilon_loss(unet, torch.zeros(256, 4, 8, 8), None, generator, alphas_cumprod(), max_timestep=600)
+    epsilon_loss(unet, torch.zeros(256, 4, 8, 8), None, generator, alphas_cumprod())
+    assert seen[0].max() < 600 and seen[1].max() >= 600
+
+
+def test_stages_are_checked_and_run_in_order():
+    from edgesd.errors import InvalidArgumentError
+    from edgesd.exporter.toy.train import parse_stages
+
+    assert parse_stages("hypernetwork, lora") == ("lora", "hypernetwork")
+    with pytest.raises(InvalidArgumentError, match="valid: base, lora, hypernetwork"):
+        parse_stages("lora,vae")
+
+
+def test_adapter_stages_need_a_checkpoint(tmp_path, capsys):
+    from edgesd.exporter.toy.train import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--quick", "--stages", "lora", "-o", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "no checkpoint to train adapters on" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_adapter_stages_retrain_on_the_checkpoint_and_keep_the_base_record(tmp_path):
+    import json
+    import shutil
+
+    from safetensors import safe_open
+
+    from edgesd.exporter.adapters.hypernetwork import read_hypernetwork
+    from edgesd.exporter.toy.train import QUICK, train
+    from edgesd.models.families import CONFIG_ROOT
+    from edgesd.models.toy.artefacts import ARTEFACTS, artefact_path
+
+    shutil.copy(artefact_path("checkpoint"), tmp_path / ARTEFACTS["checkpoint"])
+    (tmp_path / "training.json").write_text(json.dumps({"wall_seconds": {"vae": 10.0, "unet+text": 20.0},
+                                                        "final_losses": {"unet": 0.1}}))
+    report = train(tmp_path, CONFIG_ROOT / "toy", QUICK, 0, ("lora", "hypernetwork"), log=lambda m: None)
+    assert report["final_losses"] == {"unet": 0.1}
+    seconds = report["wall_seconds"]
+    assert seconds["vae"] == 10.0 and seconds["total"] == pytest.approx(30 + seconds["lora"] + seconds["hypernetwork"], abs=0.2)
+    assert report["plan"]["lora_steps"] == QUICK.lora_steps
+    assert read_hypernetwork(tmp_path / ARTEFACTS["hypernetwork"]).widths
+    with safe_open(str(tmp_path / ARTEFACTS["lora"]), "pt") as f:
+        assert any(k.endswith(".lora_down.weight") for k in f.keys())

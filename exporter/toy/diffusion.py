@@ -44,8 +44,9 @@ def train_diffusion(unet, text_encoder, latents, ids, empty_ids, *, steps: int, 
     return result
 
 
-def adapter_loss(unet, text_encoder, latents, ids, *, batch: int, generator):
-    """The same epsilon loss for adapter training (frozen base, captions kept)."""
+def adapter_loss(unet, text_encoder, latents, ids, *, batch: int, generator, max_timestep: int | None = None):
+    """The same epsilon loss for adapter training (frozen base, captions kept); a style is
+    detail the noise drowns at the top timesteps, `max_timestep` leaves those out."""
     import torch
 
     from edgesd.exporter.toy.schedule import alphas_cumprod, epsilon_loss
@@ -56,6 +57,6 @@ def adapter_loss(unet, text_encoder, latents, ids, *, batch: int, generator):
         idx = torch.randint(0, len(latents), (batch,), generator=generator)
         with torch.no_grad():
             context = text_encoder(ids[idx])[0]
-        return epsilon_loss(unet, latents[idx], context, generator, table)
+        return epsilon_loss(unet, latents[idx], context, generator, table, max_timestep=max_timestep)
 
     return loss

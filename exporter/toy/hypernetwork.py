@@ -31,7 +31,7 @@ def initial_state(width: int, generator) -> dict:
 
 
 def train_hypernetwork(unet, text_encoder, latents, ids, out, *, steps: int, batch: int, lr: float,
-                       generator, log) -> None:
+                       generator, log, max_timestep: int | None = None) -> None:
     import torch
 
     from edgesd.exporter.adapters.hypernetwork import install
@@ -50,7 +50,8 @@ def train_hypernetwork(unet, text_encoder, latents, ids, out, *, steps: int, bat
     params = [*k_module.parameters(), *v_module.parameters()]
     for p in params:
         p.requires_grad_(True)
-    optimise(params, adapter_loss(unet, text_encoder, latents, ids, batch=batch, generator=generator),
+    optimise(params, adapter_loss(unet, text_encoder, latents, ids, batch=batch, generator=generator,
+                                  max_timestep=max_timestep),
              steps=steps, lr=lr, log=log, name="hypernetwork")
     torch.save(a1111_dict(width, _cpu_state(k_module), _cpu_state(v_module), out.stem, steps), str(out))
 

@@ -7,7 +7,7 @@ output through a forward hook; the file holds `lora_down`, `lora_up` and `alpha`
 
 from __future__ import annotations
 
-RANK = 4
+RANK = 8
 
 
 def lora_pair(module, rank: int):
@@ -50,12 +50,14 @@ def kohya_state(pairs: dict, rank: int = RANK) -> dict:
     return state
 
 
-def train_lora(unet, text_encoder, latents, ids, *, steps: int, batch: int, lr: float, generator, log) -> dict:
+def train_lora(unet, text_encoder, latents, ids, *, steps: int, batch: int, lr: float, generator, log,
+               rank: int = RANK, max_timestep: int | None = None) -> dict:
     from edgesd.exporter.toy.diffusion import adapter_loss
     from edgesd.exporter.toy.loop import optimise
 
-    pairs = attach(unet)
+    pairs = attach(unet, rank)
     params = [p for d, u in pairs.values() for p in (*d.parameters(), *u.parameters())]
-    optimise(params, adapter_loss(unet, text_encoder, latents, ids, batch=batch, generator=generator),
+    optimise(params, adapter_loss(unet, text_encoder, latents, ids, batch=batch, generator=generator,
+                                  max_timestep=max_timestep),
              steps=steps, lr=lr, log=log, name="lora")
-    return kohya_state(pairs)
+    return kohya_state(pairs, rank)

@@ -2,25 +2,32 @@
 
     python -m edgesd.exporter.toy.train            # full run (about 31 min on one quiet CPU core)
     python -m edgesd.exporter.toy.train --quick -o /tmp/toy --config /tmp/toy-config
+    python -m edgesd.exporter.toy.train --stages lora,hypernetwork   # adapters on the committed base
 
 Stages, all seeded (same seed, same machine, same files): VAE; UNet + text encoder; a
 kohya LoRA that adds stripes; an A1111 hypernetwork that outlines. Writes the LDM single
 file (fp16), the LoRA, the hypernetwork and `training.json` (steps, losses, wall times)
 into the output folder, and the measured latent scaling factor into the config's VAE.
+The adapters train on the checkpoint as written (fp16), each from its own seeded stream,
+so `--stages lora,hypernetwork` reproduces a full run's adapters from its checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from edgesd.errors import CheckpointError, InvalidArgumentError
 from edgesd.models.toy.artefacts import ARTEFACTS
 
 HERE = Path(__file__).resolve().parents[2]
+
+
+STAGES = ("base", "lora", "hypernetwork")  # base = VAE, then UNet + text encoder
 
 
 @dataclass
@@ -30,10 +37,14 @@ class Plan:
     vae_batch: int = 16
     unet_steps: int = 3000
     unet_batch: int = 32
-    lora_steps: int = 450
-    hyper_steps: int = 450
+    lora_steps: int = 900
+    lora_rank: int = 8
+    lora_lr: float = 1e-2
+    lora_max_timestep: int = 1000
+    hyper_steps: int = 600
+    hyper_lr: float = 3e-3
+    hyper_max_timestep: int = 600
     adapter_batch: int = 16
-    adapter_lr: float = 3e-3
 
 
 QUICK = Plan(pool=200, vae_steps=5, unet_steps=5, lora_steps=3, hyper_steps=3)
@@ -62,68 +73,123 @@ def save_checkpoint(configs, unet, vae, text, out: Path, seed: int) -> None:
     save_file(state, str(out), metadata={"format": "pt", "edgesd_toy": f"seed{seed}"})
 
 
-def train(out: Path, config: Path, plan: Plan, seed: int, log=print) -> dict:
-    import numpy as np
+def stage_generator(seed: int, stage: str):
+    """The base stage draws from `seed` itself; each adapter stage from its own stream, so an
+    adapter retrained alone (`--stages lora`) gets exactly the draws of a full run."""
     import torch
-    from safetensors.torch import save_file
 
-    from edgesd.exporter.toy.data import Tokens, captions, scene_pool
+    return torch.Generator().manual_seed(seed if stage == "base" else zlib.crc32(f"{seed}:{stage}".encode()))
+
+
+def train_base(out: Path, config: Path, plan: Plan, seed: int, scenes, images, log) -> dict:
+    """VAE, its measured latent scaling factor (written into the config), then UNet + text
+    encoder; saves the fp16 checkpoint. Returns {"losses", "seconds", "scaling_factor"}."""
+    from edgesd.exporter.toy.data import Tokens, captions
     from edgesd.exporter.toy.diffusion import train_diffusion
-    from edgesd.exporter.toy.hypernetwork import train_hypernetwork
-    from edgesd.exporter.toy.lora import train_lora
     from edgesd.exporter.toy.vae import encode_means, train_vae
     from edgesd.models.families import load_configs
+
+    generator = stage_generator(seed, "base")
+    configs = load_configs(config)
+    t0 = time.time()
+    vae, unet, text = build(configs)
+    losses = {"vae": train_vae(vae, images, steps=plan.vae_steps, batch=plan.vae_batch, lr=2e-3,
+                               generator=generator, log=log)}
+    seconds = {"vae": time.time() - t0}
+    means = encode_means(vae, images)
+    scale = round(float(1 / means.std()), 5)
+    vae_config_path = config / "vae" / "config.json"
+    vae_config = json.loads(vae_config_path.read_text())
+    vae_config_path.write_text(json.dumps(dict(vae_config, scaling_factor=scale), indent=2) + "\n")
+    configs["vae"]["scaling_factor"] = scale
+    tokens = Tokens()
+    losses["unet"] = train_diffusion(unet, text, means * scale, tokens(captions(scenes)), tokens([""])[0],
+                                     steps=plan.unet_steps, batch=plan.unet_batch, lr=2e-3, generator=generator, log=log)
+    save_checkpoint(configs, unet, vae, text, out / ARTEFACTS["checkpoint"], seed)
+    seconds["unet+text"] = time.time() - t0 - seconds["vae"]
+    return {"losses": losses, "seconds": seconds, "scaling_factor": scale}
+
+
+def frozen_base(out: Path, config: Path, scenes, images, style: str):
+    """(unet, text encoder, scaled latents, plain-caption ids) of the `style` scenes, from the
+    checkpoint in `out` as saved (fp16 weights, as the export will read them)."""
+    import numpy as np
+
+    from edgesd.exporter.load import load_model
+    from edgesd.exporter.toy.data import Tokens, captions
+    from edgesd.exporter.toy.vae import encode_means
+
+    model = load_model(out / ARTEFACTS["checkpoint"], config=config)
+    unet, vae, text = (m.float().eval() for m in (model.unet, model.vae, model.text_encoder))
+    text.requires_grad_(False)
+    chosen = np.nonzero(np.array([s.style for s in scenes]) == style)[0]
+    latents = encode_means(vae, images[chosen]) * model.configs["vae"]["scaling_factor"]
+    ids = Tokens()(captions([scenes[i] for i in chosen], with_style=False))
+    return unet, text, latents, ids
+
+
+def train_lora_stage(out: Path, config: Path, plan: Plan, seed: int, scenes, images, log) -> None:
+    from safetensors.torch import save_file
+
+    from edgesd.exporter.toy.lora import train_lora
+
+    unet, text, latents, ids = frozen_base(out, config, scenes, images, "striped")
+    lora = train_lora(unet, text, latents, ids, rank=plan.lora_rank, steps=plan.lora_steps, batch=plan.adapter_batch,
+                      lr=plan.lora_lr, generator=stage_generator(seed, "lora"), log=log,
+                      max_timestep=plan.lora_max_timestep)
+    rank = str(plan.lora_rank)
+    save_file(lora, str(out / ARTEFACTS["lora"]), metadata={"format": "pt", "ss_network_module": "networks.lora",
+                                                            "ss_network_dim": rank, "ss_network_alpha": rank})
+
+
+def train_hypernetwork_stage(out: Path, config: Path, plan: Plan, seed: int, scenes, images, log) -> None:
+    from edgesd.exporter.toy.hypernetwork import train_hypernetwork
+
+    unet, text, latents, ids = frozen_base(out, config, scenes, images, "outlined")
+    train_hypernetwork(unet, text, latents, ids, out / ARTEFACTS["hypernetwork"], steps=plan.hyper_steps,
+                       batch=plan.adapter_batch, lr=plan.hyper_lr, generator=stage_generator(seed, "hypernetwork"),
+                       log=log, max_timestep=plan.hyper_max_timestep)
+
+
+def train(out: Path, config: Path, plan: Plan, seed: int, stages=STAGES, log=print) -> dict:
+    """Run `stages` (in STAGES order) and write training.json; stages not run keep the wall
+    times and losses already recorded in `out`."""
+    import torch
+
+    from edgesd.exporter.toy.data import scene_pool
 
     torch.set_num_threads(1)  # on a busy 2-core machine a second thread makes each step ~10x slower
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True)
-    generator = torch.Generator().manual_seed(seed)
     out.mkdir(parents=True, exist_ok=True)
-    configs = load_configs(config)
-    times, losses, t0 = {}, {}, time.time()
-
+    report_path = out / "training.json"
+    report = json.loads(report_path.read_text()) if set(stages) != set(STAGES) and report_path.is_file() else {}
+    times, t0 = dict(report.get("wall_seconds", {})), time.time()
     scenes, images = scene_pool(plan.pool, seed)
-    times["render"] = time.time() - t0
-    vae, unet, text = build(configs)
-    losses["vae"] = train_vae(vae, images, steps=plan.vae_steps, batch=plan.vae_batch, lr=2e-3,
-                              generator=generator, log=log)
-    times["vae"] = time.time() - t0 - sum(times.values())
-
-    means = encode_means(vae, images)
-    scale = float(1 / means.std())
-    vae_config_path = config / "vae" / "config.json"
-    vae_config = json.loads(vae_config_path.read_text())
-    vae_config_path.write_text(json.dumps(dict(vae_config, scaling_factor=round(scale, 5)), indent=2) + "\n")
-    configs["vae"]["scaling_factor"] = round(scale, 5)
-    latents = means * round(scale, 5)
-    tokens = Tokens()
-    ids, empty = tokens(captions(scenes)), tokens([""])[0]
-    losses["unet"] = train_diffusion(unet, text, latents, ids, empty, steps=plan.unet_steps, batch=plan.unet_batch,
-                                     lr=2e-3, generator=generator, log=log)
-    save_checkpoint(configs, unet, vae, text, out / ARTEFACTS["checkpoint"], seed)
-    times["unet+text"] = time.time() - t0 - sum(times.values())
-
-    plain_ids = tokens(captions(scenes, with_style=False))
-    styles = np.array([s.style for s in scenes])
-    text.requires_grad_(False)
-    striped = torch.from_numpy(np.nonzero(styles == "striped")[0])
-    lora = train_lora(copy.deepcopy(unet), text, latents[striped], plain_ids[striped], steps=plan.lora_steps,
-                      batch=plan.adapter_batch, lr=plan.adapter_lr, generator=generator, log=log)
-    save_file(lora, str(out / ARTEFACTS["lora"]), metadata={"format": "pt", "ss_network_module": "networks.lora",
-                                                            "ss_network_dim": "4", "ss_network_alpha": "4"})
-    times["lora"] = time.time() - t0 - sum(times.values())
-
-    outlined = torch.from_numpy(np.nonzero(styles == "outlined")[0])
-    train_hypernetwork(copy.deepcopy(unet), text, latents[outlined], plain_ids[outlined],
-                       out / ARTEFACTS["hypernetwork"], steps=plan.hyper_steps, batch=plan.adapter_batch, lr=plan.adapter_lr,
-                       generator=generator, log=log)
-    times["hypernetwork"] = time.time() - t0 - sum(times.values())
-    times["total"] = time.time() - t0
-    report = {"seed": seed, "plan": asdict(plan), "scaling_factor": round(scale, 5),
-              "final_losses": losses, "wall_seconds": {k: round(v, 1) for k, v in times.items()},
-              "torch": torch.__version__, "threads": torch.get_num_threads()}
-    (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+    if "base" in stages:
+        times["render"] = time.time() - t0
+        base = train_base(out, config, plan, seed, scenes, images, log)
+        times.update(base["seconds"])
+        report.update(final_losses=base["losses"], scaling_factor=base["scaling_factor"])
+    for stage, run in (("lora", train_lora_stage), ("hypernetwork", train_hypernetwork_stage)):
+        if stage in stages:
+            start = time.time()
+            run(out, config, plan, seed, scenes, images, log)
+            times[stage] = time.time() - start
+    times.pop("total", None)
+    times["total"] = sum(times.values())
+    report.update(seed=seed, plan=asdict(plan), wall_seconds={k: round(v, 1) for k, v in times.items()},
+                  torch=torch.__version__, threads=torch.get_num_threads())
+    report_path.write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def parse_stages(text: str) -> tuple:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in STAGES]
+    if unknown or not names:
+        raise InvalidArgumentError(f"unknown stage {', '.join(unknown) or repr(text)}; valid: {', '.join(STAGES)}")
+    return tuple(n for n in STAGES if n in names)
 
 
 def main(argv=None) -> None:
@@ -132,8 +198,17 @@ def main(argv=None) -> None:
     p.add_argument("--config", type=Path, default=HERE / "models" / "configs" / "toy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a few steps per stage, to check the script runs")
+    p.add_argument("--stages", default=",".join(STAGES),
+                   help=f"comma-separated subset of {', '.join(STAGES)}; adapters train on the checkpoint in -o")
     args = p.parse_args(argv)
-    report = train(args.output, args.config, QUICK if args.quick else Plan(), args.seed,
+    try:
+        stages = parse_stages(args.stages)
+        if "base" not in stages and not (args.output / ARTEFACTS["checkpoint"]).is_file():
+            raise CheckpointError(f"{args.output / ARTEFACTS['checkpoint']}: no checkpoint to train adapters on; "
+                                  "run the base stage first (--stages base)")
+    except (InvalidArgumentError, CheckpointError) as e:
+        p.error(str(e))
+    report = train(args.output, args.config, QUICK if args.quick else Plan(), args.seed, stages,
                    log=lambda m: print(time.strftime("%H:%M:%S"), m, flush=True))
     print(json.dumps(report["wall_seconds"]))
 

@@ -54,3 +54,23 @@ def encode_means(vae, images, batch: int = 256):
     with torch.no_grad():
         return torch.cat([vae.encode(to_tensor(images[i:i + batch])).latent_dist.mean
                           for i in range(0, len(images), batch)])
+
+
+def round_trip(vae, images, batch: int = 256):
+    """uint8 images encoded (posterior mean) and decoded again: what the decoder can draw of
+    them, the domain every generated image comes from."""
+    import numpy as np
+    import torch
+
+    with torch.no_grad():
+        decoded = torch.cat([vae.decode(m).sample for m in encode_means(vae, images, batch).split(batch)])
+    return np.clip(np.round((decoded.permute(0, 2, 3, 1).numpy() + 1) * 127.5), 0, 255).astype(np.uint8)
+
+
+def committed_vae():
+    """The committed toy checkpoint's VAE (float32, eval mode)."""
+    from edgesd.exporter.load import load_model
+    from edgesd.exporter.toy.folders import config_dir
+    from edgesd.models.toy.artefacts import artefact_path
+
+    return load_model(artefact_path("checkpoint"), config=config_dir()).vae.float().eval()
