@@ -290,12 +290,19 @@ def with_domain_imports(proto):
 
 def free_modules(loaded, attrs) -> None:
     """Drop torch modules no later graph needs, so that the next export and the ONNX sessions
-    that verify it do not share the memory with them."""
+    that verify it do not share the memory with them. A full collection (about half a second with
+    torch loaded) runs only when the weights are worth it: a cycle could otherwise keep them."""
     import gc
 
+    freed = 0
     for attr in attrs:
+        module = getattr(loaded, attr, None)
         setattr(loaded, attr, None)
-    gc.collect()
+        if module is not None:
+            freed += sum(p.numel() * p.element_size() for p in module.parameters())
+        module = None
+    if freed >= 256 << 20:
+        gc.collect()
 
 
 def verify_transformed(spec, reference: list, path: Path, entry: dict) -> dict:
