@@ -129,12 +129,16 @@ def run_system(system: str, python: str, model: Path, args, size: int, extra=())
     runner = "edgesd" if system.startswith("edgesd") else system
     cmd = [python, str(HERE / "run_one.py"), runner, str(model), "--size", str(size), "--steps", str(args.steps),
            "--cfg", "7", "--threads", str(args.threads), *extra]
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    return run_for_result(cmd, system)
+
+
+def run_for_result(cmd: list, label: str) -> dict | None:
+    """Run `cmd` offline in its own process; the JSON of its `RESULT ` line, or None (its error printed)."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
-    print(f"  {system} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+    print(f"  {label} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
     return None
 
 

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -62,15 +60,6 @@ def adapters(cache: Path) -> dict:
     return files
 
 
-def run(cmd: list) -> dict | None:
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    print(f"  failed: {' '.join(map(str, cmd[:4]))} ...\n{proc.stderr[-2000:]}", file=sys.stderr)
-    return None
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", help="benchmarks/compare.py's model cache (default ~/.cache/edgesd/bench)")
@@ -102,7 +91,7 @@ def main() -> None:
     for rep in range(args.repeats):
         for name, cmd in (systems.items() if rep % 2 == 0 else reversed(systems.items())):
             with tempfile.TemporaryDirectory(dir=compare.cache_dir(bench)) as tmp:
-                result = run([*cmd, "--out", str(Path(tmp) / "out")])
+                result = compare.run_for_result([*cmd, "--out", str(Path(tmp) / "out")], name)
             if result:
                 runs[name].append(result)
                 print(f"  rep {rep + 1} {name}: {result['wall_s']:.0f} s, {result['peak_rss_mb']:.0f} MB", flush=True)

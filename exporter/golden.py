@@ -26,16 +26,14 @@ def golden_arrays(spec, model, configs: dict) -> dict:
     """{input.NAME / output.NAME: array} for `spec`: seeded inputs and the torch outputs for them."""
     import torch
 
-    from edgesd.exporter.graphs import graph_for
+    from edgesd.exporter.graphs import graph_for, run_graph
 
     inputs = golden_inputs(spec, configs)
     graph = graph_for(spec, model)
     dtype = next(graph.parameters()).dtype  # float inputs follow the module's weights
     tensors = [torch.from_numpy(np.ascontiguousarray(inputs[t.name])) for t in spec.inputs]
     tensors = [x.to(dtype) if x.is_floating_point() and x.ndim else x for x in tensors]
-    with torch.no_grad():
-        outputs = graph(*tensors)
-    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    outputs = run_graph(graph, tensors)
     arrays = {f"input.{k}": v for k, v in inputs.items()}
     arrays.update({f"output.{t.name}": o.detach().float().numpy() for t, o in zip(spec.outputs, outputs)})
     return arrays

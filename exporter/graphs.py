@@ -110,6 +110,13 @@ def graph_for(spec, model) -> torch.nn.Module:
     return wrappers[spec.name](getattr(model, modules_of(spec)[0]), spec).eval()
 
 
+def run_graph(graph, tensors) -> tuple:
+    """`graph` run in torch without gradients; its outputs as a tuple, whatever their number."""
+    with torch.no_grad():
+        outputs = graph(*tensors)
+    return outputs if isinstance(outputs, tuple) else (outputs,)
+
+
 def modules_of(spec) -> tuple:
     """The LoadedModel attributes whose modules the graph of `spec` uses (several graphs may share one)."""
     from edgesd.models.contract import TINY_VAE_DECODER

@@ -168,17 +168,13 @@ def torch_reference(spec, model, configs: dict) -> list:
 
     Taken before the module is freed: the exporter then verifies the ONNX graph without the
     torch weights in memory beside the session's (together they were the export's peak)."""
-    import torch
-
-    from edgesd.exporter.graphs import example_inputs, graph_for
+    from edgesd.exporter.graphs import example_inputs, graph_for, run_graph
 
     graph = graph_for(spec, model)
     cases = []
     for seed, batch, hw in VERIFY_CASES:
         inputs = example_inputs(spec, configs, batch=batch, latent_hw=hw, seed=seed)
-        with torch.no_grad():
-            outputs = graph(*inputs)
-        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        outputs = run_graph(graph, inputs)
         cases.append(([x.numpy() for x in inputs], [o.detach().double().numpy() for o in outputs]))
     return cases
 

@@ -38,7 +38,7 @@ def _source_note(ctx, loaded) -> str:
 def check_component(ctx, component: str):
     import torch
 
-    from edgesd.exporter.graphs import graph_for
+    from edgesd.exporter.graphs import graph_for, run_graph
 
     if component == TINY_VAE_DECODER:
         raise CheckSkipped("not applicable: the TAESD decoder is not part of the source checkpoint (it was verified "
@@ -54,12 +54,10 @@ def check_component(ctx, component: str):
             feed.pop(t.name)
     graph = graph_for(spec, loaded)
     try:
-        with torch.no_grad():
-            expected = graph(*[torch.from_numpy(np.ascontiguousarray(torch_feed[t.name])) for t in spec.inputs])
+        expected = run_graph(graph, [torch.from_numpy(np.ascontiguousarray(torch_feed[t.name])) for t in spec.inputs])
     except Exception as e:  # noqa: BLE001 - the source does not fit the folder's architecture
         raise CheckFailed(f"the source's {component} cannot run on this folder's inputs: "
                           f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
-    expected = expected if isinstance(expected, tuple) else (expected,)
     expected = {t.name: e.detach().float().numpy() for t, e in zip(spec.outputs, expected)}
     precision = ctx.precision(component)
     tolerance = TOLERANCE[precision]
