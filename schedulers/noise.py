@@ -61,13 +61,18 @@ class BrownianTree:
     Brownian bridge between its ends, with a generator keyed by (seed, node), so W(t) is the
     same whatever points were asked for before: the noise of a step does not depend on the
     step count. Intervals are split at their geometric mean when t0 > 0 (the noise levels
-    of a schedule are spread geometrically), until they are narrower than `tol` (relative,
-    0.1 %: closer query points than that get independent bridge samples); then the point
-    itself is bridged. Node values are kept in a small LRU cache, since consecutive steps
-    share most of their path; returned arrays may be shared with it, so do not modify them.
+    of a schedule are spread geometrically) until they are narrower than `tol` (relative:
+    3 %, eight levels over SD's noise range), the tree's resolution. Inside such a leaf, a
+    point is bridged between the nearest points already drawn there, so that however
+    closely a run's queries follow each other, together they are one Brownian path; only
+    their detail finer than the leaf depends on which points came before. (On a Gaussian
+    test problem, DPM++ 2M SDE's result converges as the step count grows from 10 to 160
+    just as with a 0.1 % tree, at about half the draws a step.) Node values are kept in a
+    small LRU cache, since consecutive steps share most of their path; returned arrays may
+    be shared with it, so do not modify them.
     """
 
-    def __init__(self, shape, t0, t1, seed, dtype=np.float32, tol=1e-3, max_cache_bytes=64 << 20):
+    def __init__(self, shape, t0, t1, seed, dtype=np.float32, tol=0.03, max_cache_bytes=64 << 20):
         self.shape, self.dtype = tuple(shape), dtype
         self.t0, self.t1 = (float(t0), float(t1)) if t0 <= t1 else (float(t1), float(t0))
         self.entropy = _entropy(seed)
@@ -76,21 +81,29 @@ class BrownianTree:
         nbytes = max(int(np.prod(self.shape)) * np.dtype(dtype).itemsize, 1)
         self.cache_size = max(16, min(256, max_cache_bytes // nbytes))
         self.cache = OrderedDict()
+        self.leaves = OrderedDict()  # leaf node -> {t: W(t)} for the points drawn inside it
         self.points = OrderedDict()  # the last few query results: a step's end is the next one's start
+        self.start = np.random.PCG64(np.random.SeedSequence([self.entropy, _TREE_STREAM])).state
+        self.bits = np.random.PCG64()
         self.w1 = self._normal(0, 0) * np.sqrt(self.t1 - self.t0)
 
     def _normal(self, kind, index):
-        # each node's draw has a stream of its own, keyed by (seed, kind, node)
-        bits = np.random.PCG64(np.random.SeedSequence([self.entropy, _TREE_STREAM, kind, index & (2**64 - 1)]))
-        return fill_standard_normal(bits, np.empty(self.shape, np.float32)).astype(self.dtype, copy=False)
+        """The draw of node `index` (`kind` 0: W(t1), 1: a split point, 2: a point in a leaf):
+        the seed's stream jumped ahead to a block of 2^40 raw words of its own, about 20x
+        cheaper than seeding a generator per node."""
+        self.bits.state = self.start
+        self.bits.advance((kind << 106) | ((index & (2**64 - 1)) << 40))
+        return fill_standard_normal(self.bits, np.empty(self.shape, np.float32)).astype(self.dtype, copy=False)
 
     @staticmethod
     def _bridge(a, t, b, wa, wb, z):
         """The Brownian bridge from (a, wa) to (b, wb) at t, given standard normal z (reused
         as the output buffer)."""
+        slope = np.subtract(wb, wa)
+        slope *= (t - a) / (b - a)
         z *= math.sqrt((t - a) * (b - t) / (b - a))
         z += wa
-        z += ((t - a) / (b - a)) * (wb - wa)
+        z += slope
         return z
 
     def _split(self, a, b):
@@ -99,14 +112,37 @@ class BrownianTree:
     def _narrow(self, a, b):
         return b < a * (1 + self.tol) if self.geometric else b - a < self.tol
 
+    def _remember(self, store, key, value, size):
+        store[key] = value
+        store.move_to_end(key)
+        if len(store) > size:
+            store.popitem(last=False)
+        return value
+
     def _midpoint(self, node, a, m, b, wa, wb):
         w = self.cache.get(node)
         if w is None:
-            w = self.cache[node] = self._bridge(a, m, b, wa, wb, self._normal(1, node))
-            if len(self.cache) > self.cache_size:
-                self.cache.popitem(last=False)
-        else:
-            self.cache.move_to_end(node)
+            return self._remember(self.cache, node, self._bridge(a, m, b, wa, wb, self._normal(1, node)),
+                                  self.cache_size)
+        self.cache.move_to_end(node)
+        return w
+
+    def _in_leaf(self, node, a, t, b, wa, wb):
+        """W(t) in the leaf [a, b], bridged between its nearest points drawn so far."""
+        drawn = self.leaves.get(node)
+        if drawn is None:
+            drawn = self._remember(self.leaves, node, {}, 8)
+        if t in drawn:
+            return drawn[t]
+        for s, w in drawn.items():
+            if a < s < t:
+                a, wa = s, w
+            elif t < s < b:
+                b, wb = s, w
+        w = self._bridge(a, t, b, wa, wb, self._normal(2, int(np.float64(t).view(np.uint64))))
+        if len(drawn) >= 64:  # queries move along: forget the oldest
+            del drawn[next(iter(drawn))]
+        drawn[t] = w
         return w
 
     def __call__(self, t):
@@ -114,9 +150,7 @@ class BrownianTree:
         t = min(max(float(t), self.t0), self.t1)
         w = self.points.get(t)
         if w is None:
-            w = self.points[t] = self._value(t)
-            if len(self.points) > 4:
-                self.points.popitem(last=False)
+            w = self._remember(self.points, t, self._value(t), 4)
         return w
 
     def _value(self, t):
@@ -136,7 +170,7 @@ class BrownianTree:
                 b, wb, node = m, wm, 2 * node
             else:
                 a, wa, node = m, wm, 2 * node + 1
-        return self._bridge(a, t, b, wa, wb, self._normal(2, int(np.float64(t).view(np.uint64))))
+        return self._in_leaf(node, a, t, b, wa, wb)
 
 
 def brownian_noise(x, sigma_min, sigma_max, seed=None, lookahead=None):

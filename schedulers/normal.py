@@ -1,44 +1,47 @@
 """Standard normal numbers fast enough to be drawn at every sampler step.
 
 numpy's `Generator.standard_normal` (ziggurat) costs about 11 ns a number on a small CPU,
-0.7 ms for one 4x128x128 latent, which alone is most of a 1 ms step budget. The
-Box-Muller transform of 23-bit uniforms (what torch's CUDA `randn` does) runs as a few
-vectorised passes over the generator's raw 64-bit output instead, about 2x faster, and
-each image's draw can run in a thread of its own (numpy releases the GIL for both).
+0.7 ms for one 4x128x128 latent, which alone is most of a 1 ms step budget. Here each
+number is instead one 16-bit word of the generator's raw output looked up in a table: the
+inverse-CDF method on 65,536 equally likely bins of N(0, 1), each bin represented by its
+conditional mean, so the draws have mean 0 and variance 1 - 1.5e-6; the outermost bins,
+the top and bottom 1/65,536 of the distribution, give +-4.39. One raw 64-bit word gives four numbers,
+and the lookup is one vectorised gather: about 4x faster than the ziggurat, 2x faster
+than the Box-Muller transform. Each image's draw can run in a thread of its own (numpy
+releases the GIL for both steps).
 """
 
+import math
 import os
+import statistics
 import threading
 
 import numpy as np
 
-_ONE_BITS = np.uint32(0x3F800000)  # the bits of float32 1.0
-_TWO, _MINUS_TWO, _TWO_PI = np.float32(2), np.float32(-2), np.float32(2 * np.pi)
+_BINS = 1 << 16
 _THREADS = min(os.cpu_count() or 1, 8)
 _pool = _worker = None
+_table = None
+
+
+def _bin_means():
+    """E[z | z in bin k] for the `_BINS` equal-probability bins of N(0, 1): with edges
+    q_k = Phi^-1(k / BINS), it is (phi(q_k) - phi(q_k+1)) * BINS."""
+    edges = np.array([statistics.NormalDist().inv_cdf(k / _BINS) for k in range(1, _BINS)])
+    density = np.concatenate([[0.0], np.exp(-0.5 * edges * edges) / math.sqrt(2 * math.pi), [0.0]])
+    return ((density[:-1] - density[1:]) * _BINS).astype(np.float32)
 
 
 def fill_standard_normal(bit_generator, out):
-    """Fill the float32 array `out` with N(0, 1) numbers from `bit_generator`: each pair of
-    23-bit uniforms (u1, u2) gives sqrt(-2 ln u1) * (cos, sin)(2 pi u2). The uniforms are
-    made without an int-to-float conversion: the bits set under a float32 exponent of 0
-    give f in [1, 2), so u1 = 2 - f lies in (0, 1] (|z| <= 5.64). Returns `out`."""
+    """Fill the float32 array `out` with N(0, 1) numbers from `bit_generator`, four per raw
+    64-bit word (its 16-bit parts, little-endian, each a bin of `_bin_means`). Returns `out`.
+    The table (256 KB) is built on first use (about 0.1 s)."""
+    global _table
+    if _table is None:
+        _table = _bin_means()
     flat = out.reshape(-1)
-    n = flat.size
-    half = (n + 1) // 2
-    words = bit_generator.random_raw(half).view(np.uint32)  # 2 * half 32-bit words
-    words >>= 9
-    words |= _ONE_BITS
-    ones = words.view(np.float32)  # uniform in [1, 2)
-    radius, angle = ones[:half], ones[half:]
-    np.subtract(_TWO, radius, out=radius)
-    np.log(radius, out=radius)
-    radius *= _MINUS_TWO
-    np.sqrt(radius, out=radius)
-    angle *= _TWO_PI  # in [2 pi, 4 pi): one turn further than 2 pi u2, same sine and cosine
-    np.multiply(radius[: n - half], np.sin(angle[: n - half]), out=flat[half:])
-    np.cos(angle, out=angle)
-    np.multiply(radius, angle, out=flat[:half])
+    words = bit_generator.random_raw((flat.size + 3) // 4).view("<u2")[: flat.size]
+    np.take(_table, words, out=flat)
     return out
 
 

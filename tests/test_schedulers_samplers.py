@@ -392,6 +392,23 @@ def test_brownian_tree_is_consistent_and_brownian():
     assert tree(0.03).std() == 0 and tree(14.6).var() / (14.6 - 0.03) == pytest.approx(1, abs=0.05)
 
 
+def test_brownian_tree_points_closer_than_its_resolution_form_one_path():
+    """Queries inside one leaf of the tree (3 % apart at most) are bridged between each
+    other, in any order: their increments still have variance = length and are independent
+    (bridged from the leaf's ends each, neighbours would get far too much noise)."""
+    shape = (40000,)
+    tree = S.BrownianTree(shape, 0.03, 14.6, seed=5, tol=0.03)
+    order = [1.0, 1.008, 1.002, 1.006, 1.004]
+    values = {t: tree(t) for t in order}
+    grid = sorted(values)
+    incs = [values[b] - values[a] for a, b in zip(grid[:-1], grid[1:])]
+    for (a, b), inc in zip(zip(grid[:-1], grid[1:]), incs):
+        assert inc.var() / (b - a) == pytest.approx(1, abs=0.05), (a, b)
+    corr = np.corrcoef(np.stack(incs))
+    assert np.abs(corr - np.eye(len(incs))).max() < 0.05
+    np.testing.assert_array_equal(tree(1.004), values[1.004])  # asked again: the same
+
+
 def test_brownian_noise_does_not_depend_on_step_count():
     x = np.zeros((2, 3, 8, 8), np.float32)
     coarse = S.brownian_noise(x, 0.03, 14.6, seed=[1, 2])
