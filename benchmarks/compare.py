@@ -112,17 +112,24 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def unet_gflop(diffusers_dir: Path, size: int) -> float:
-    """FLOPs of one CFG-batched UNet call (batch 2), counted by torch's FLOP counter."""
+def model_gflop(diffusers_dir: Path, size: int) -> dict:
+    """GFLOPs of one CFG-batched UNet call (batch 2) and of one VAE decode (batch 1), counted
+    by torch's FLOP counter: with the stage times, how close each runs to the matmul peak."""
     import torch
-    from diffusers import UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
 
-    unet = UNet2DConditionModel.from_pretrained(diffusers_dir, subfolder="unet", local_files_only=True).eval()
     latent = size // 8
+    unet = UNet2DConditionModel.from_pretrained(diffusers_dir, subfolder="unet", local_files_only=True).eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         unet(torch.zeros(2, 4, latent, latent), torch.tensor(500.0), torch.zeros(2, 77, unet.config.cross_attention_dim))
-    return counter.get_total_flops() / 1e9
+    flops = {"unet": counter.get_total_flops() / 1e9}
+    del unet
+    vae = AutoencoderKL.from_pretrained(diffusers_dir, subfolder="vae", local_files_only=True).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        vae.decode(torch.zeros(1, 4, latent, latent))
+    flops["vae"] = counter.get_total_flops() / 1e9
+    return flops
 
 
 def run_system(system: str, python: str, model: Path, args, size: int, extra=()) -> dict | None:
@@ -192,7 +199,7 @@ def main() -> None:
                     runs[system].append(result)
                     print(f"  {size}px rep {rep + 1} {system}: {result['wall_s']:.2f} s, "
                           f"{result['peak_rss_mb']:.0f} MB", flush=True)
-        lines += report(size, runs, peak, unet_gflop(paths["diffusers"], size), args)
+        lines += report(size, runs, peak, model_gflop(paths["diffusers"], size), args)
         lines += quality(images)
     text = "\n".join(lines)
     print(text)
@@ -240,7 +247,7 @@ def quality(images: dict) -> list:
     return [*lines, ""]
 
 
-def report(size: int, runs: dict, peak: float, gflop: float, args) -> list:
+def report(size: int, runs: dict, peak: float, gflop: dict, args) -> list:
     med = {s: {k: statistics.median(r[k] for r in rs) for k in rs[0] if isinstance(rs[0][k], float)}
            for s, rs in runs.items() if rs}
     lines = [f"## {size}x{size}, {args.steps} Euler steps, CFG 7, batch 1 ({args.repeats} runs each, medians)", "",
@@ -253,8 +260,10 @@ def report(size: int, runs: dict, peak: float, gflop: float, args) -> list:
         lines += ["", f"edgesd stages: text encoder {ours['text_encoder_s']:.2f} s, UNet {ours['unet_step_s']:.2f} s/step, "
                       f"VAE decode {ours['vae_s']:.2f} s; runtime overhead (outside session.run) "
                       f"{ours['overhead_s'] * 1e3:.0f} ms = {100 * ours['overhead_s'] / ours['wall_s']:.2f}% of wall",
-                  f"UNet: {gflop:.0f} GFLOP per CFG call -> {gflop / ours['unet_step_s']:.0f} GFLOP/s "
-                  f"= {100 * gflop / ours['unet_step_s'] / peak:.0f}% of the matmul peak", ""]
+                  *(f"{name}: {gflop[key]:.0f} GFLOP per {what} -> {gflop[key] / ours[stage]:.0f} GFLOP/s "
+                    f"= {100 * gflop[key] / ours[stage] / peak:.0f}% of the matmul peak"
+                    for name, key, what, stage in (("UNet", "unet", "CFG call", "unet_step_s"),
+                                                   ("VAE decode", "vae", "image", "vae_s"))), ""]
     for system, m in med.items():
         if "first_s" in m:
             lines.append(f"{system}: first image after loading {m['first_s'] / m['wall_s']:.2f}x a warm one "
