@@ -158,10 +158,12 @@ def test_sdxl_layout_round_trips(workdir):
     assert all(np.array_equal(theirs[k].numpy(), ours[k].numpy()) for k in theirs)
 
 
+@pytest.mark.parametrize("sd2_model", ["sd2-v"], indirect=True)  # the adapters' modules are the same in both
 def test_lora_and_hypernetwork_on_sd2(sd2_model, tmp_path):
     """SD2 adapters: a kohya LoCon fused at export gives diffusers' image (its own
     load_lora_weights + fuse_lora on the same modules) within 2e-3; a hypernetwork sized for
-    SD2's attention widths is baked into the UNet graph and changes the image."""
+    SD2's attention widths is baked into the UNet graph and changes the image. (The image is
+    compared with diffusers', so the exports skip their own verification.)"""
     import torch
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
@@ -176,7 +178,7 @@ def test_lora_and_hypernetwork_on_sd2(sd2_model, tmp_path):
     lora = synth.write_kohya_lora(base, tmp_path / "lora.safetensors", seed=5, alphas="present", vary_rank=False)
     hyper = synth.write_hypernetwork(base, tmp_path / "hyper.pt", seed=6)
     out = tmp_path / "with-lora"
-    manifest = export(ckpt, out, config=config, progress=False, loras=[f"{lora}:0.8:0.5"])
+    manifest = export(ckpt, out, config=config, progress=False, verify=False, loras=[f"{lora}:0.8:0.5"])
     assert manifest["adapters"][0]["matched_modules"] > 0
 
     loaded = load_model(ckpt, config)
