@@ -7,6 +7,7 @@ are inferred from the configs they do have.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,12 +144,14 @@ class Session:
         import onnxruntime as ort
 
         from edgesd.runtime.device_io import BoundRunner
-        from edgesd.runtime.providers import check_session, device_of, uses_cuda_graph
+        from edgesd.runtime.providers import GPU_PROVIDERS, check_session, device_of, names, uses_cuda_graph
 
         self.spec = spec
         if options is None:
             options = ort.SessionOptions()
             options.log_severity_level = 3
+            if not any(p in GPU_PROVIDERS for p in names(providers)):
+                share_cpu_arena(options)
         if preoptimized:  # fused at export: the extended passes would only repeat the work at each load
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         try:
@@ -210,6 +213,35 @@ class LazySession:
 
     def __getattr__(self, name):  # input_dtypes, input_ranks, output_names, run, spec
         return getattr(self._open(), name)
+
+
+_shared_arena = None
+_arena_lock = threading.Lock()
+
+
+def share_cpu_arena(options) -> None:
+    """Make the session allocate from one CPU memory arena shared by the process's sessions.
+
+    Each session otherwise keeps an arena of its own, which holds its largest run's
+    activations for reuse: the UNet's stay held while the VAE decodes, and the peak is the
+    sum of both. With one arena the VAE reuses the UNet's free blocks and the peak is the
+    larger of the two (256x256 SD1.5: about 0.4 GB less, at the same speed). The arena is
+    registered with onnxruntime's environment once; if that fails (another user of the
+    process registered one with other settings), sessions keep their own arenas."""
+    global _shared_arena
+    import onnxruntime as ort
+
+    with _arena_lock:
+        if _shared_arena is None:
+            try:
+                ort.create_and_register_allocator(
+                    ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT),
+                    ort.OrtArenaCfg(0, -1, -1, -1))  # onnxruntime's defaults: no cap, kNextPowerOfTwo
+                _shared_arena = True
+            except Exception:  # noqa: BLE001 - onnxruntime raises its own types
+                _shared_arena = False
+    if _shared_arena:
+        options.add_session_config_entry("session.use_env_allocators", "1")
 
 
 def low_memory_options():

@@ -49,3 +49,20 @@ def test_low_memory_decodes_large_images_in_tiles(tiny_export):
     low = Pipeline.from_pretrained(tiny_export, provider="cpu", low_memory=True)
     np.testing.assert_array_equal(low(**args).images, normal(**args, vae_tiling=True).images)
     assert not np.array_equal(low(**args).images, normal(**args).images)
+
+
+def test_cpu_sessions_share_one_memory_arena(tiny_export):
+    """By default a CPU pipeline's sessions allocate from one shared arena (the VAE reuses the
+    UNet's free blocks instead of adding its own); low-memory sessions keep no arena at all."""
+    from edgesd import Pipeline
+
+    def shares(session):
+        return session.session.get_session_options().get_session_config_entry("session.use_env_allocators") == "1"
+
+    pipe = Pipeline.from_pretrained(tiny_export, provider="cpu")
+    assert all(shares(s) for s in (pipe.text_encoder, pipe.unet, pipe.vae_decoder))
+    low = Pipeline.from_pretrained(tiny_export, provider="cpu", low_memory=True)
+    options = low.unet._open().session.get_session_options()
+    assert not options.enable_cpu_mem_arena
+    args = dict(prompt="a red circle", num_inference_steps=3, height=64, width=64, seed=2, output_type="np")
+    np.testing.assert_array_equal(pipe(**args).images, low(**args).images)
