@@ -4,6 +4,7 @@ committed VAE (encode, decode: what any generated image is limited to), per styl
 
     python benchmarks/toy_evaluator.py                  # 150 scenes per style, seed 7
     python benchmarks/toy_evaluator.py -n 300 --generations
+    python benchmarks/toy_evaluator.py -n 600 --by-combination   # where the decoder loses a style
 """
 
 import argparse
@@ -11,6 +12,7 @@ import argparse
 import numpy as np
 
 from edgesd.models.toy import STYLES, evaluate, random_scene, render
+from edgesd.models.toy.scenes import BACKGROUNDS, COLOURS
 
 
 def scenes_of(style: str, n: int, seed: int) -> list:
@@ -40,6 +42,29 @@ def domain_table(n: int, seed: int) -> dict:
     return table
 
 
+def survival_by_combination(n: int, seed: int) -> dict:
+    """(style, colour, background) -> fraction of the style's decoded scenes still read as that
+    style: a decoder may keep stripes for one colour on a background and lose them for the next."""
+    from edgesd.exporter.toy.vae import committed_vae, round_trip
+
+    vae, kept = committed_vae(), {}
+    for style in STYLES[1:]:
+        scenes = scenes_of(style, n, seed)
+        for scene, image in zip(scenes, round_trip(vae, np.stack([render(s) for s in scenes]))):
+            kept.setdefault((style, scene.colour, scene.background), []).append(evaluate(image).style() == style)
+    return {key: float(np.mean(hits)) for key, hits in kept.items()}
+
+
+def print_survival(survival: dict) -> None:
+    backgrounds = list(BACKGROUNDS)
+    for style in STYLES[1:]:
+        print(f"\n| {style}: kept after a round trip | " + " | ".join(backgrounds) + " |")
+        print("|---|" + "---|" * len(backgrounds))
+        for colour in COLOURS:
+            cells = [survival.get((style, colour, b)) for b in backgrounds]
+            print(f"| {colour} | " + " | ".join("-" if c is None else f"{c:.2f}" for c in cells) + " |")
+
+
 def generation_rates() -> dict:
     """Stripes and outlines the evaluator sees in the plain model's images (no adapter asks for them)."""
     from edgesd.exporter.toy.folders import export_variant
@@ -61,6 +86,8 @@ def main(argv=None):
     ap.add_argument("-n", type=int, default=150, help="scenes per style")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--generations", action="store_true", help="also the plain model's 80 prompts, 20 steps")
+    ap.add_argument("--by-combination", action="store_true",
+                    help="also striped and outlined survival per colour and background")
     args = ap.parse_args(argv)
     table = domain_table(args.n, args.seed)
     columns = list(next(iter(table.values())))
@@ -68,6 +95,8 @@ def main(argv=None):
     print("|---|---|" + "---|" * len(columns))
     for (style, domain), row in table.items():
         print(f"| {style} | {domain} | " + " | ".join(f"{row[c]:.3f}" for c in columns) + " |")
+    if args.by_combination:
+        print_survival(survival_by_combination(args.n, args.seed))
     if args.generations:
         for sampler, rates in generation_rates().items():
             print(f"plain model, {sampler}: stripes {rates['stripes']:.3f}, outline {rates['outline']:.3f}")

@@ -79,7 +79,7 @@ def test_stages_are_checked_and_run_in_order():
     from edgesd.exporter.toy.train import parse_stages
 
     assert parse_stages("hypernetwork, lora") == ("lora", "hypernetwork")
-    with pytest.raises(InvalidArgumentError, match="valid: base, lora, hypernetwork"):
+    with pytest.raises(InvalidArgumentError, match="valid: base, decoder, lora, hypernetwork"):
         parse_stages("lora,vae")
 
 
@@ -89,7 +89,7 @@ def test_adapter_stages_need_a_checkpoint(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--quick", "--stages", "lora", "-o", str(tmp_path)])
     assert exit_info.value.code == 2
-    assert "no checkpoint to train adapters on" in capsys.readouterr().err
+    assert "no checkpoint to train the decoder or adapters on" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
 

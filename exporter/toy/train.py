@@ -1,15 +1,16 @@
 """Train the toy model and its adapters, and write the committed artefacts.
 
-    python -m edgesd.exporter.toy.train            # full run (about 31 min on one quiet CPU core)
+    python -m edgesd.exporter.toy.train            # full run (about 35 min on one quiet CPU core)
     python -m edgesd.exporter.toy.train --quick -o /tmp/toy --config /tmp/toy-config
     python -m edgesd.exporter.toy.train --stages lora,hypernetwork   # adapters on the committed base
 
-Stages, all seeded (same seed, same machine, same files): VAE; UNet + text encoder; a
-kohya LoRA that adds stripes; an A1111 hypernetwork that outlines. Writes the LDM single
-file (fp16), the LoRA, the hypernetwork and `training.json` (steps, losses, wall times)
-into the output folder, and the measured latent scaling factor into the config's VAE.
-The adapters train on the checkpoint as written (fp16), each from its own seeded stream,
-so `--stages lora,hypernetwork` reproduces a full run's adapters from its checkpoint.
+Stages, all seeded (same seed, same machine, same files): VAE; UNet + text encoder; the
+VAE's decoder again on whole images (encoder frozen); a kohya LoRA that adds stripes; an
+A1111 hypernetwork that outlines. Writes the LDM single file (fp16), the LoRA, the
+hypernetwork and `training.json` (steps, losses, wall times) into the output folder, and
+the measured latent scaling factor into the config's VAE. The later stages train on the
+checkpoint as written (fp16), each from its own seeded stream, so `--stages
+lora,hypernetwork` reproduces a full run's adapters from its checkpoint.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from edgesd.models.toy.artefacts import ARTEFACTS
 HERE = Path(__file__).resolve().parents[2]
 
 
-STAGES = ("base", "lora", "hypernetwork")  # base = VAE, then UNet + text encoder
+STAGES = ("base", "decoder", "lora", "hypernetwork")  # base = VAE, then UNet + text encoder
 
 
 @dataclass
@@ -37,6 +38,9 @@ class Plan:
     vae_batch: int = 16
     unet_steps: int = 3000
     unet_batch: int = 32
+    decoder_steps: int = 1500
+    decoder_batch: int = 8
+    decoder_lr: float = 5e-4
     lora_steps: int = 900
     lora_rank: int = 8
     lora_lr: float = 1e-2
@@ -47,7 +51,7 @@ class Plan:
     adapter_batch: int = 16
 
 
-QUICK = Plan(pool=200, vae_steps=5, unet_steps=5, lora_steps=3, hyper_steps=3)
+QUICK = Plan(pool=200, vae_steps=5, unet_steps=5, decoder_steps=3, lora_steps=3, hyper_steps=3)
 
 
 def build(configs: dict):
@@ -74,8 +78,8 @@ def save_checkpoint(configs, unet, vae, text, out: Path, seed: int) -> None:
 
 
 def stage_generator(seed: int, stage: str):
-    """The base stage draws from `seed` itself; each adapter stage from its own stream, so an
-    adapter retrained alone (`--stages lora`) gets exactly the draws of a full run."""
+    """The base stage draws from `seed` itself; each later stage from its own stream, so a
+    stage rerun alone (`--stages lora`) gets exactly the draws of a full run."""
     import torch
 
     return torch.Generator().manual_seed(seed if stage == "base" else zlib.crc32(f"{seed}:{stage}".encode()))
@@ -108,6 +112,19 @@ def train_base(out: Path, config: Path, plan: Plan, seed: int, scenes, images, l
     save_checkpoint(configs, unet, vae, text, out / ARTEFACTS["checkpoint"], seed)
     seconds["unet+text"] = time.time() - t0 - seconds["vae"]
     return {"losses": losses, "seconds": seconds, "scaling_factor": scale}
+
+
+def train_decoder_stage(out: Path, config: Path, plan: Plan, seed: int, scenes, images, log) -> float:
+    """Fine-tunes the checkpoint's decoder and rewrites the checkpoint; returns the final loss."""
+    from edgesd.exporter.load import load_model
+    from edgesd.exporter.toy.vae import train_decoder
+
+    model = load_model(out / ARTEFACTS["checkpoint"], config=config)
+    unet, vae, text = (m.float() for m in (model.unet, model.vae, model.text_encoder))
+    loss = train_decoder(vae, images, steps=plan.decoder_steps, batch=plan.decoder_batch, lr=plan.decoder_lr,
+                         generator=stage_generator(seed, "decoder"), log=log)
+    save_checkpoint(model.configs, unet, vae, text, out / ARTEFACTS["checkpoint"], seed)
+    return loss
 
 
 def frozen_base(out: Path, config: Path, scenes, images, style: str):
@@ -171,6 +188,11 @@ def train(out: Path, config: Path, plan: Plan, seed: int, stages=STAGES, log=pri
         base = train_base(out, config, plan, seed, scenes, images, log)
         times.update(base["seconds"])
         report.update(final_losses=base["losses"], scaling_factor=base["scaling_factor"])
+    if "decoder" in stages:
+        start = time.time()
+        report.setdefault("final_losses", {})["decoder"] = train_decoder_stage(out, config, plan, seed, scenes, images,
+                                                                               log)
+        times["decoder"] = time.time() - start
     for stage, run in (("lora", train_lora_stage), ("hypernetwork", train_hypernetwork_stage)):
         if stage in stages:
             start = time.time()
@@ -199,13 +221,13 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a few steps per stage, to check the script runs")
     p.add_argument("--stages", default=",".join(STAGES),
-                   help=f"comma-separated subset of {', '.join(STAGES)}; adapters train on the checkpoint in -o")
+                   help=f"comma-separated subset of {', '.join(STAGES)}; later stages train on the checkpoint in -o")
     args = p.parse_args(argv)
     try:
         stages = parse_stages(args.stages)
         if "base" not in stages and not (args.output / ARTEFACTS["checkpoint"]).is_file():
-            raise CheckpointError(f"{args.output / ARTEFACTS['checkpoint']}: no checkpoint to train adapters on; "
-                                  "run the base stage first (--stages base)")
+            raise CheckpointError(f"{args.output / ARTEFACTS['checkpoint']}: no checkpoint to train the decoder or "
+                                  "adapters on; run the base stage first (--stages base)")
     except (InvalidArgumentError, CheckpointError) as e:
         p.error(str(e))
     report = train(args.output, args.config, QUICK if args.quick else Plan(), args.seed, stages,

@@ -45,6 +45,32 @@ def train_vae(vae, images, *, steps: int, batch: int, lr: float, generator, log)
     return result
 
 
+def train_decoder(vae, images, *, steps: int, batch: int, lr: float, generator, log) -> float:
+    """`reconstruction_loss` of the decoder alone on whole 64x64 images, the encoder frozen.
+    Whole images: the one-group normalisations see statistics that 32x32 crops do not have,
+    and the crop-trained decoder drew no stripes on gray for whole pairs of colour and
+    background. Frozen encoder: the latents, so the UNet and the adapters, stay valid."""
+    import torch
+
+    from edgesd.exporter.toy.data import to_tensor
+    from edgesd.exporter.toy.loop import optimise
+
+    def loss(step):
+        x = to_tensor(images[torch.randint(0, len(images), (batch,), generator=generator).numpy()])
+        with torch.no_grad():
+            latents = vae.encode(x).latent_dist.mean
+        return reconstruction_loss(vae.decode(latents).sample, x)
+
+    vae.requires_grad_(False)
+    decoder = [*vae.post_quant_conv.parameters(), *vae.decoder.parameters()]
+    for p in decoder:
+        p.requires_grad_(True)
+    vae.decoder.train()
+    result = optimise(decoder, loss, steps=steps, lr=lr, log=log, name="decoder")
+    vae.eval()
+    return result
+
+
 def encode_means(vae, images, batch: int = 256):
     """Posterior means of uint8 images (unscaled latents)."""
     import torch
