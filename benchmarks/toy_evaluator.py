@@ -29,28 +29,34 @@ def readings(images, scenes) -> dict:
     return {k: float(v) for k, v in row.items()}
 
 
-def domain_table(n: int, seed: int) -> dict:
-    """(style, "clean" | "decoded") -> readings."""
+def round_trips(n: int, seed: int) -> dict:
+    """style -> (scenes, their renders, the renders after a round trip through the committed VAE)."""
     from edgesd.exporter.toy.vae import committed_vae, round_trip
 
-    vae, table = committed_vae(), {}
+    vae, trips = committed_vae(), {}
     for style in STYLES:
         scenes = scenes_of(style, n, seed)
         clean = np.stack([render(s) for s in scenes])
+        trips[style] = scenes, clean, round_trip(vae, clean)
+    return trips
+
+
+def domain_table(trips: dict) -> dict:
+    """(style, "clean" | "decoded") -> readings."""
+    table = {}
+    for style, (scenes, clean, decoded) in trips.items():
         table[style, "clean"] = readings(clean, scenes)
-        table[style, "decoded"] = readings(round_trip(vae, clean), scenes)
+        table[style, "decoded"] = readings(decoded, scenes)
     return table
 
 
-def survival_by_combination(n: int, seed: int) -> dict:
+def survival_by_combination(trips: dict) -> dict:
     """(style, colour, background) -> fraction of the style's decoded scenes still read as that
     style: a decoder may keep stripes for one colour on a background and lose them for the next."""
-    from edgesd.exporter.toy.vae import committed_vae, round_trip
-
-    vae, kept = committed_vae(), {}
+    kept = {}
     for style in STYLES[1:]:
-        scenes = scenes_of(style, n, seed)
-        for scene, image in zip(scenes, round_trip(vae, np.stack([render(s) for s in scenes]))):
+        scenes, _, decoded = trips[style]
+        for scene, image in zip(scenes, decoded):
             kept.setdefault((style, scene.colour, scene.background), []).append(evaluate(image).style() == style)
     return {key: float(np.mean(hits)) for key, hits in kept.items()}
 
@@ -89,14 +95,15 @@ def main(argv=None):
     ap.add_argument("--by-combination", action="store_true",
                     help="also striped and outlined survival per colour and background")
     args = ap.parse_args(argv)
-    table = domain_table(args.n, args.seed)
+    trips = round_trips(args.n, args.seed)
+    table = domain_table(trips)
     columns = list(next(iter(table.values())))
     print("| scenes | domain | " + " | ".join(columns) + " |")
     print("|---|---|" + "---|" * len(columns))
     for (style, domain), row in table.items():
         print(f"| {style} | {domain} | " + " | ".join(f"{row[c]:.3f}" for c in columns) + " |")
     if args.by_combination:
-        print_survival(survival_by_combination(args.n, args.seed))
+        print_survival(survival_by_combination(trips))
     if args.generations:
         for sampler, rates in generation_rates().items():
             print(f"plain model, {sampler}: stripes {rates['stripes']:.3f}, outline {rates['outline']:.3f}")
