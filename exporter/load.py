@@ -7,7 +7,9 @@ each component are dropped from it as soon as that component is built.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,12 +116,12 @@ def _load_single_file(path: Path, config, prediction: str | None) -> LoadedModel
 
     def build(cls, component):
         part = take(prefixes[component])
-        kwargs = {"original_config": str(yaml)} if yaml else {"config": str(_config_folder(configs, component)),
-                                                             "subfolder": component}
-        try:
-            model = cls.from_single_file(part, local_files_only=True, **kwargs)
-        except (ValueError, RuntimeError, KeyError) as e:
-            raise CheckpointError(f"{path}: the {component} weights do not fit the architecture config ({_first_line(e)})") from None
+        with _config_folder(configs, component, yaml) as kwargs:
+            try:
+                model = cls.from_single_file(part, local_files_only=True, **kwargs)
+            except (ValueError, RuntimeError, KeyError) as e:
+                raise CheckpointError(f"{path}: the {component} weights do not fit the architecture config "
+                                      f"({_first_line(e)})") from None
         if yaml:
             configs[component] = dict(model.config)
         return model.eval()
@@ -132,22 +134,19 @@ def _load_single_file(path: Path, config, prediction: str | None) -> LoadedModel
                        text_encoder_2=texts[1] if len(texts) > 1 else None)
 
 
-_CONFIG_FOLDERS: dict = {}
-
-
-def _config_folder(configs: dict, component: str) -> Path:
-    """A folder holding `component/config.json`, which diffusers' loader wants as a path."""
+@contextlib.contextmanager
+def _config_folder(configs: dict, component: str, yaml):
+    """from_single_file's config arguments: the LDM yaml, else a temporary folder holding
+    `component/config.json` (diffusers' loader wants a path), removed after loading."""
     import json
-    import tempfile
 
-    text = json.dumps(configs[component], sort_keys=True)
-    key = (component, text)
-    if key not in _CONFIG_FOLDERS:
-        folder = Path(tempfile.mkdtemp(prefix="edgesd-config-"))
-        (folder / component).mkdir()
-        (folder / component / "config.json").write_text(text)
-        _CONFIG_FOLDERS[key] = folder
-    return _CONFIG_FOLDERS[key]
+    if yaml:
+        yield {"original_config": str(yaml)}
+        return
+    with tempfile.TemporaryDirectory(prefix="edgesd-config-") as folder:
+        (Path(folder) / component).mkdir()
+        (Path(folder) / component / "config.json").write_text(json.dumps(configs[component], sort_keys=True))
+        yield {"config": folder, "subfolder": component}
 
 
 def _build_text_encoder(part: dict, config: dict, path: Path, encoder):

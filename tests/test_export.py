@@ -42,6 +42,17 @@ def test_ldm_keys_are_the_public_names(tiny_checkpoint):
         assert key in keys, key
 
 
+def test_loading_leaves_no_temporary_files(tiny_checkpoint, tmp_path, monkeypatch):
+    """diffusers' single-file loader wants a config folder; the one written for it is removed."""
+    import tempfile
+
+    from edgesd.exporter.load import load_model
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    load_model(tiny_checkpoint, config=TINY_CONFIG)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_manifest_records_what_was_exported(tiny_export, tiny_checkpoint):
     from edgesd.models.manifest import read_manifest, sha256_file
 

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 DROP_CAPTION = 0.1
 MIN_SNR = 5.0
-NOISE_OFFSET = 0.1
 
 
 def caption_batch(ids, empty_ids, generator):
     import torch
 
     drop = torch.rand(ids.shape[0], generator=generator) < DROP_CAPTION
-    return torch.where(drop[:, None], empty_ids[None, :], ids)
+    return torch.where(drop[:, None].to(ids.device), empty_ids[None, :].to(ids.device), ids)
 
 
 def train_diffusion(unet, text_encoder, latents, ids, empty_ids, *, steps: int, batch: int, lr: float,
@@ -30,9 +29,9 @@ def train_diffusion(unet, text_encoder, latents, ids, empty_ids, *, steps: int, 
     emas = [Ema(unet, ema_decay), Ema(text_encoder, ema_decay)]
 
     def loss(step):
-        idx = torch.randint(0, len(latents), (batch,), generator=generator)
+        idx = torch.randint(0, len(latents), (batch,), generator=generator).to(latents.device)
         context = text_encoder(caption_batch(ids[idx], empty_ids, generator))[0]
-        return epsilon_loss(unet, latents[idx], context, generator, table, min_snr=MIN_SNR, offset=NOISE_OFFSET)
+        return epsilon_loss(unet, latents[idx], context, generator, table, min_snr=MIN_SNR)
 
     unet.train(), text_encoder.train()
     params = [*unet.parameters(), *text_encoder.parameters()]
@@ -54,7 +53,7 @@ def adapter_loss(unet, text_encoder, latents, ids, *, batch: int, generator, max
     table = alphas_cumprod()
 
     def loss(step):
-        idx = torch.randint(0, len(latents), (batch,), generator=generator)
+        idx = torch.randint(0, len(latents), (batch,), generator=generator).to(latents.device)
         with torch.no_grad():
             context = text_encoder(ids[idx])[0]
         return epsilon_loss(unet, latents[idx], context, generator, table, max_timestep=max_timestep)

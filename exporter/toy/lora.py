@@ -31,7 +31,7 @@ def attach(unet, rank: int = RANK) -> dict:
 
     pairs = {}
     for path, module in unet_targets(unet, conv=True):
-        down, up = lora_pair(module, rank)
+        down, up = (m.to(module.weight.device) for m in lora_pair(module, rank))
         pairs[kohya_name("lora_unet", path)] = (down, up)
         module.register_forward_hook(lambda m, inp, out, d=down, u=up: out + u(d(inp[0])))
     torch.nn.Module.requires_grad_(unet, False)

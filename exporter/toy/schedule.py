@@ -21,20 +21,16 @@ def min_snr_weights(a, gamma: float | None):
     return torch.clamp(snr, max=gamma) / snr
 
 
-def epsilon_loss(unet, latents, context, generator, table, *, min_snr: float | None = None, offset: float = 0.0,
+def epsilon_loss(unet, latents, context, generator, table, *, min_snr: float | None = None,
                  max_timestep: int | None = None):
     """MSE between the UNet's noise estimate and the noise added at uniform random timesteps,
-    Min-SNR weighted; `offset` adds a per-channel constant to the noise (offset noise), so the
-    model learns to move an image's mean colour, not only to keep the one in its noise.
-    `max_timestep` draws timesteps below it only (kohya's --max_timestep)."""
+    Min-SNR weighted. `max_timestep` draws timesteps below it only (kohya's --max_timestep)."""
     import torch
 
-    b, c = latents.shape[:2]
-    t = torch.randint(0, max_timestep or len(table), (b,), generator=generator)
+    t = torch.randint(0, max_timestep or len(table), (latents.shape[0],), generator=generator)
     noise = torch.randn(latents.shape, generator=generator)
-    if offset:
-        noise = noise + offset * torch.randn(b, c, 1, 1, generator=generator)
-    a = table[t]
+    # draws come from the (CPU) generator whatever the device, so a seed trains the same anywhere
+    a, t, noise = table[t].to(latents.device), t.to(latents.device), noise.to(latents.device)
     noisy = a.sqrt().view(-1, 1, 1, 1) * latents + (1 - a).sqrt().view(-1, 1, 1, 1) * noise
     error = (unet(noisy, t, encoder_hidden_states=context).sample - noise) ** 2
     return (error.mean(dim=(1, 2, 3)) * min_snr_weights(a, min_snr)).mean()

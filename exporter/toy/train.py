@@ -4,13 +4,14 @@
     python -m edgesd.exporter.toy.train --quick -o /tmp/toy --config /tmp/toy-config
     python -m edgesd.exporter.toy.train --stages lora,hypernetwork   # adapters on the committed base
 
-Stages, all seeded (same seed, same machine, same files): VAE; UNet + text encoder; the
-VAE's decoder again on whole images (encoder frozen); a kohya LoRA that adds stripes; an
-A1111 hypernetwork that outlines. Writes the LDM single file (fp16), the LoRA, the
-hypernetwork and `training.json` (steps, losses, wall times) into the output folder, and
-the measured latent scaling factor into the config's VAE. The later stages train on the
-checkpoint as written (fp16), each from its own seeded stream, so `--stages
-lora,hypernetwork` reproduces a full run's adapters from its checkpoint.
+Stages, all seeded (same seed, same machine, same files): VAE; UNet + text encoder (on the
+VAE encoder's latents); the VAE's decoder again on whole images (encoder frozen); a kohya
+LoRA that adds stripes; an A1111 hypernetwork that outlines. Writes the LDM single file
+(fp16), the LoRA, the hypernetwork and `training.json` (steps, losses, wall times) into the
+output folder, and the measured latent scaling factor into the config's VAE. Every stage
+after the VAE trains on the checkpoint as written (fp16), from its own seeded stream, and
+reads only what no later stage changes (the UNet reads the encoder, the decoder stage the
+images), so a partial run such as `--stages unet,lora` gives a full run's files.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from edgesd.models.toy.artefacts import ARTEFACTS
 HERE = Path(__file__).resolve().parents[2]
 
 
-STAGES = ("base", "decoder", "lora", "hypernetwork")  # base = VAE, then UNet + text encoder
+STAGES = ("vae", "unet", "decoder", "lora", "hypernetwork")
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Plan:
     vae_batch: int = 16
     unet_steps: int = 3000
     unet_batch: int = 32
+    unet_lr: float = 2e-3
     decoder_steps: int = 1500
     decoder_batch: int = 8
     decoder_lr: float = 5e-4
@@ -54,7 +56,8 @@ class Plan:
 QUICK = Plan(pool=200, vae_steps=5, unet_steps=5, decoder_steps=3, lora_steps=3, hyper_steps=3)
 
 
-def build(configs: dict):
+def build(configs: dict) -> tuple:
+    """(vae, unet, text encoder), freshly initialised from the global torch seed."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from edgesd.exporter.synth import text_model
@@ -77,41 +80,54 @@ def save_checkpoint(configs, unet, vae, text, out: Path, seed: int) -> None:
     save_file(state, str(out), metadata={"format": "pt", "edgesd_toy": f"seed{seed}"})
 
 
-def stage_generator(seed: int, stage: str):
-    """The base stage draws from `seed` itself; each later stage from its own stream, so a
+def stage_seed(seed: int, stage: str) -> int:
+    """The VAE stage draws from `seed` itself; each later stage from its own stream, so a
     stage rerun alone (`--stages lora`) gets exactly the draws of a full run."""
+    return seed if stage == "vae" else zlib.crc32(f"{seed}:{stage}".encode())
+
+
+def stage_generator(seed: int, stage: str):
     import torch
 
-    return torch.Generator().manual_seed(seed if stage == "base" else zlib.crc32(f"{seed}:{stage}".encode()))
+    return torch.Generator().manual_seed(stage_seed(seed, stage))
 
 
-def train_base(out: Path, config: Path, plan: Plan, seed: int, scenes, images, log) -> dict:
-    """VAE, its measured latent scaling factor (written into the config), then UNet + text
-    encoder; saves the fp16 checkpoint. Returns {"losses", "seconds", "scaling_factor"}."""
-    from edgesd.exporter.toy.data import Tokens, captions
-    from edgesd.exporter.toy.diffusion import train_diffusion
+def train_vae_stage(out: Path, config: Path, plan: Plan, seed: int, scenes, images, log) -> dict:
+    """The VAE and its measured latent scaling factor (written into the config); saves the
+    checkpoint with the UNet and text encoder as initialised. Returns {"loss", "scaling_factor"}."""
     from edgesd.exporter.toy.vae import encode_means, train_vae
     from edgesd.models.families import load_configs
 
-    generator = stage_generator(seed, "base")
     configs = load_configs(config)
-    t0 = time.time()
     vae, unet, text = build(configs)
-    losses = {"vae": train_vae(vae, images, steps=plan.vae_steps, batch=plan.vae_batch, lr=2e-3,
-                               generator=generator, log=log)}
-    seconds = {"vae": time.time() - t0}
-    means = encode_means(vae, images)
-    scale = round(float(1 / means.std()), 5)
+    loss = train_vae(vae, images, steps=plan.vae_steps, batch=plan.vae_batch, lr=2e-3,
+                     generator=stage_generator(seed, "vae"), log=log)
+    scale = round(float(1 / encode_means(vae, images).std()), 5)
     vae_config_path = config / "vae" / "config.json"
     vae_config = json.loads(vae_config_path.read_text())
     vae_config_path.write_text(json.dumps(dict(vae_config, scaling_factor=scale), indent=2) + "\n")
     configs["vae"]["scaling_factor"] = scale
-    tokens = Tokens()
-    losses["unet"] = train_diffusion(unet, text, means * scale, tokens(captions(scenes)), tokens([""])[0],
-                                     steps=plan.unet_steps, batch=plan.unet_batch, lr=2e-3, generator=generator, log=log)
     save_checkpoint(configs, unet, vae, text, out / ARTEFACTS["checkpoint"], seed)
-    seconds["unet+text"] = time.time() - t0 - seconds["vae"]
-    return {"losses": losses, "seconds": seconds, "scaling_factor": scale}
+    return {"loss": loss, "scaling_factor": scale}
+
+
+def train_unet_stage(out: Path, config: Path, plan: Plan, seed: int, scenes, images, log) -> float:
+    """A fresh UNet + text encoder on the checkpoint's encoder latents (scaled); rewrites the
+    checkpoint, keeping its VAE. Returns the final loss."""
+    from edgesd.exporter.load import load_model
+    from edgesd.exporter.toy.data import Tokens, captions
+    from edgesd.exporter.toy.diffusion import train_diffusion
+    from edgesd.exporter.toy.vae import encode_means
+
+    model = load_model(out / ARTEFACTS["checkpoint"], config=config)
+    vae = model.vae.float().eval()
+    _, unet, text = build(model.configs)
+    latents = encode_means(vae, images) * model.configs["vae"]["scaling_factor"]
+    tokens = Tokens()
+    loss = train_diffusion(unet, text, latents, tokens(captions(scenes)), tokens([""])[0], steps=plan.unet_steps,
+                           batch=plan.unet_batch, lr=plan.unet_lr, generator=stage_generator(seed, "unet"), log=log)
+    save_checkpoint(model.configs, unet, vae, text, out / ARTEFACTS["checkpoint"], seed)
+    return loss
 
 
 def train_decoder_stage(out: Path, config: Path, plan: Plan, seed: int, scenes, images, log) -> float:
@@ -176,28 +192,25 @@ def train(out: Path, config: Path, plan: Plan, seed: int, stages=STAGES, log=pri
     from edgesd.exporter.toy.data import scene_pool
 
     torch.set_num_threads(1)  # on a busy 2-core machine a second thread makes each step ~10x slower
-    torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True)
     out.mkdir(parents=True, exist_ok=True)
     report_path = out / "training.json"
     report = json.loads(report_path.read_text()) if set(stages) != set(STAGES) and report_path.is_file() else {}
     times, t0 = dict(report.get("wall_seconds", {})), time.time()
     scenes, images = scene_pool(plan.pool, seed)
-    if "base" in stages:
-        times["render"] = time.time() - t0
-        base = train_base(out, config, plan, seed, scenes, images, log)
-        times.update(base["seconds"])
-        report.update(final_losses=base["losses"], scaling_factor=base["scaling_factor"])
-    if "decoder" in stages:
+    times["render"] = time.time() - t0
+    losses = report.setdefault("final_losses", {})
+    runs = {"vae": train_vae_stage, "unet": train_unet_stage, "decoder": train_decoder_stage,
+            "lora": train_lora_stage, "hypernetwork": train_hypernetwork_stage}
+    for stage in (s for s in STAGES if s in stages):
         start = time.time()
-        report.setdefault("final_losses", {})["decoder"] = train_decoder_stage(out, config, plan, seed, scenes, images,
-                                                                               log)
-        times["decoder"] = time.time() - start
-    for stage, run in (("lora", train_lora_stage), ("hypernetwork", train_hypernetwork_stage)):
-        if stage in stages:
-            start = time.time()
-            run(out, config, plan, seed, scenes, images, log)
-            times[stage] = time.time() - start
+        torch.manual_seed(stage_seed(seed, stage))  # module initialisations draw from the global generator
+        result = runs[stage](out, config, plan, seed, scenes, images, log)
+        if stage == "vae":
+            losses["vae"], report["scaling_factor"] = result["loss"], result["scaling_factor"]
+        elif result is not None:
+            losses[stage] = result
+        times[stage] = time.time() - start
     times.pop("total", None)
     times["total"] = sum(times.values())
     report.update(seed=seed, plan=asdict(plan), wall_seconds={k: round(v, 1) for k, v in times.items()},
@@ -225,9 +238,9 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     try:
         stages = parse_stages(args.stages)
-        if "base" not in stages and not (args.output / ARTEFACTS["checkpoint"]).is_file():
-            raise CheckpointError(f"{args.output / ARTEFACTS['checkpoint']}: no checkpoint to train the decoder or "
-                                  "adapters on; run the base stage first (--stages base)")
+        if "vae" not in stages and not (args.output / ARTEFACTS["checkpoint"]).is_file():
+            raise CheckpointError(f"{args.output / ARTEFACTS['checkpoint']}: no checkpoint to train the later stages "
+                                  "on; run the VAE stage first (--stages vae)")
     except (InvalidArgumentError, CheckpointError) as e:
         p.error(str(e))
     report = train(args.output, args.config, QUICK if args.quick else Plan(), args.seed, stages,
