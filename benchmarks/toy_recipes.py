@@ -28,7 +28,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 SAMPLERS = (("Euler a", "Automatic"), ("DPM++ 2M", "Karras"))
-# recipe -> (stage, Plan overrides, module constants of exporter.toy.diffusion / hypernetwork options)
+# recipe -> (stage, Plan overrides, module constants of exporter.toy.diffusion)
 RECIPES = {
     "unet-x2": ("unet", {"unet_steps": 6000}, {}),
     "unet-ref": ("unet", {}, {}),
@@ -36,8 +36,8 @@ RECIPES = {
     "unet-lr4e-3": ("unet", {"unet_lr": 4e-3}, {}),
     "unet-b16x6000": ("unet", {"unet_batch": 16, "unet_steps": 6000}, {}),
     "unet-nosnr": ("unet", {}, {"MIN_SNR": None}),
-    "unet-offset0": ("unet", {}, {"NOISE_OFFSET": 0.0}),
     "unet-ema999": ("unet", {"unet_ema": 0.999}, {}),
+    "unet-drop5": ("unet", {}, {"DROP_CAPTION": 0.05}),
     "unet-x1.5": ("unet", {"unet_steps": 4500}, {}),
     "lora-ref": ("lora", {}, {}),
     "lora-x2": ("lora", {"lora_steps": 1800}, {}),
@@ -52,7 +52,7 @@ RECIPES = {
     "hyper-4000-lr1e-2": ("hypernetwork", {"hyper_steps": 4000, "hyper_lr": 1e-2}, {}),
     "hyper-2000-lr1e-2-t1000": ("hypernetwork", {"hyper_steps": 2000, "hyper_lr": 1e-2, "hyper_max_timestep": 1000}, {}),
     "hyper-2000-lr1e-2-t400": ("hypernetwork", {"hyper_steps": 2000, "hyper_lr": 1e-2, "hyper_max_timestep": 400}, {}),
-    "hyper-2000-lr1e-2-141": ("hypernetwork", {"hyper_steps": 2000, "hyper_lr": 1e-2}, {"layer_structure": [1, 4, 1]}),
+    "hyper-2000-lr1e-2-141": ("hypernetwork", {"hyper_steps": 2000, "hyper_lr": 1e-2, "hyper_layers": (1, 4, 1)}, {}),
 }
 
 
@@ -64,85 +64,31 @@ def plan_of(overrides: dict, quick: bool):
                             if k in asdict(base)})
 
 
-def run_recipe(name: str, work: Path, device: str, quick: bool) -> dict:
+def run_recipe(name: str, work: Path, device: str, quick: bool, checkpoint: Path) -> dict:
     """Train, export and judge one recipe in this process; returns and writes its result."""
-    import torch
-
     from edgesd.exporter.toy import diffusion, train
-    from edgesd.models.toy.artefacts import ARTEFACTS, artefact_path
+    from edgesd.models.toy.artefacts import ARTEFACTS
 
-    stage, overrides, options = RECIPES[name]
+    stage, overrides, constants = RECIPES[name]
     plan = plan_of(overrides, quick)
-    for key, value in options.items():
-        if hasattr(diffusion, key):
-            setattr(diffusion, key, value)
+    for key, value in constants.items():
+        setattr(diffusion, key, value)
     folder = work / name
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    checkpoint = folder / ARTEFACTS["checkpoint"]
-    shutil.copy(artefact_path("checkpoint"), checkpoint)
+    shutil.copy(checkpoint, folder / ARTEFACTS["checkpoint"])
     scenes, images = pickle.loads((work / "pool.pickle").read_bytes())
-    config = work / "config"
-    generator = train.stage_generator(0, stage)
-    log = lambda m: print(f"{name}: {m}", flush=True)  # noqa: E731
     t0 = time.time()
-    adapters = {}
-    if stage == "unet":
-        _train_unet(checkpoint, config, plan, overrides, scenes, images, generator, device, log)
-    else:
-        unet, text, latents, ids = train.frozen_base(folder, config, scenes, images,
-                                                     "striped" if stage == "lora" else "outlined")
-        unet, text, latents, ids = unet.to(device), text.to(device), latents.to(device), ids.to(device)
-        if stage == "lora":
-            from safetensors.torch import save_file
-
-            from edgesd.exporter.toy.lora import train_lora
-
-            state = train_lora(unet, text, latents, ids, rank=plan.lora_rank, steps=plan.lora_steps,
-                               batch=plan.adapter_batch, lr=plan.lora_lr, generator=generator, log=log,
-                               max_timestep=plan.lora_max_timestep)
-            rank = str(plan.lora_rank)
-            save_file({k: v.cpu() for k, v in state.items()}, str(folder / ARTEFACTS["lora"]),
-                      metadata={"format": "pt", "ss_network_module": "networks.lora", "ss_network_dim": rank,
-                                "ss_network_alpha": rank})
-            adapters["loras"] = [f"{folder / ARTEFACTS['lora']}:1.0"]
-        else:
-            from edgesd.exporter.toy.hypernetwork import LAYER_STRUCTURE, train_hypernetwork
-
-            train_hypernetwork(unet, text, latents, ids, folder / ARTEFACTS["hypernetwork"], steps=plan.hyper_steps,
-                               batch=plan.adapter_batch, lr=plan.hyper_lr, generator=generator, log=log,
-                               max_timestep=plan.hyper_max_timestep,
-                               layer_structure=options.get("layer_structure", LAYER_STRUCTURE))
-            adapters["hypernetworks"] = [f"{folder / ARTEFACTS['hypernetwork']}:1.0"]
+    train.run_stage(stage, folder, work / "config", plan, 0, scenes, images,
+                    log=lambda m: print(f"{name}: {m}", flush=True), device=device)
     seconds = time.time() - t0
-    torch.cuda.empty_cache() if device.startswith("cuda") else None
-    result = {"recipe": name, "stage": stage, "overrides": overrides, "options": options, "device": device,
-              "train_seconds": round(seconds, 1), "scores": judge(checkpoint, folder / "onnx", config, adapters)}
+    adapters = {"lora": {"loras": [f"{folder / ARTEFACTS['lora']}:1.0"]},
+                "hypernetwork": {"hypernetworks": [f"{folder / ARTEFACTS['hypernetwork']}:1.0"]}}.get(stage, {})
+    result = {"recipe": name, "stage": stage, "overrides": overrides, "constants": constants, "device": device,
+              "train_seconds": round(seconds, 1),
+              "scores": judge(folder / ARTEFACTS["checkpoint"], folder / "onnx", work / "config", adapters)}
     (folder / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
-
-
-def _train_unet(checkpoint, config, plan, overrides, scenes, images, generator, device, log) -> None:
-    """A fresh UNet + text encoder on the committed VAE's latents, saved over `checkpoint`."""
-    import torch
-
-    from edgesd.exporter.load import load_model
-    from edgesd.exporter.toy import train
-    from edgesd.exporter.toy.data import Tokens, captions
-    from edgesd.exporter.toy.diffusion import train_diffusion
-    from edgesd.exporter.toy.vae import encode_means
-
-    model = load_model(checkpoint, config=config)
-    vae = model.vae.float().eval()
-    torch.manual_seed(0)
-    _, unet, text = train.build(model.configs)
-    latents = encode_means(vae, images) * model.configs["vae"]["scaling_factor"]
-    tokens = Tokens()
-    unet, text = unet.to(device), text.to(device)
-    train_diffusion(unet, text, latents.to(device), tokens(captions(scenes)).to(device), tokens([""])[0].to(device),
-                    steps=plan.unet_steps, batch=plan.unet_batch, lr=overrides.get("unet_lr", 2e-3),
-                    generator=generator, log=log, ema_decay=overrides.get("unet_ema", 0.995))
-    train.save_checkpoint(model.configs, unet.cpu(), vae, text.cpu(), checkpoint, 0)
 
 
 def judge(checkpoint: Path, out: Path, config: Path, adapters: dict) -> dict:
@@ -191,10 +137,14 @@ def main(argv=None) -> None:
     p.add_argument("--jobs", type=int, default=1, help="recipes run at once, each in its own process")
     p.add_argument("--only", help=f"comma-separated recipes (default all: {', '.join(RECIPES)})")
     p.add_argument("--quick", action="store_true", help="a few steps per recipe and a small pool: a smoke run")
+    p.add_argument("--checkpoint", type=Path, help="the checkpoint each recipe starts from (default: the committed one)")
     p.add_argument("--recipe", help=argparse.SUPPRESS)  # the worker's entry
     args = p.parse_args(argv)
+    from edgesd.models.toy.artefacts import artefact_path
+
+    checkpoint = (args.checkpoint or artefact_path("checkpoint")).resolve()
     if args.recipe:
-        run_recipe(args.recipe, args.work, args.device, args.quick)
+        run_recipe(args.recipe, args.work, args.device, args.quick, checkpoint)
         return
     names = args.only.split(",") if args.only else list(RECIPES)
     unknown = [n for n in names if n not in RECIPES]
@@ -204,7 +154,8 @@ def main(argv=None) -> None:
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
 
     def worker(name):
-        cmd = [sys.executable, __file__, "--recipe", name, "--work", str(args.work), "--device", args.device]
+        cmd = [sys.executable, __file__, "--recipe", name, "--work", str(args.work), "--device", args.device,
+               "--checkpoint", str(checkpoint)]
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
         with open(args.work / f"{name}.log", "w") as log:
             code = subprocess.run(cmd + (["--quick"] if args.quick else []), stdout=log, stderr=subprocess.STDOUT,

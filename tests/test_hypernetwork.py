@@ -178,7 +178,7 @@ def test_two_loras_and_a_hypernetwork_in_one_export(tiny_checkpoint, base, hyper
     lora = synth.write_kohya_lora(base, tmp_path / "style.safetensors", seed=3)
     loha = synth.write_loha(base, tmp_path / "detail.safetensors", seed=4)
     out = tmp_path / "model"
-    rc = main(["export", str(tiny_checkpoint), "-o", str(out), "--config", str(TINY_CONFIG), "-q",
+    rc = main(["export", str(tiny_checkpoint), "-o", str(out), "--config", str(TINY_CONFIG), "-q", "--no-verify",
                "--lora", f"{lora}:0.5", "--lora", f"{loha}:0.8:0.2", "--hypernetwork", f"{hypernetworks[0]}:0.6"])
     assert rc == 0
     adapters = read_manifest(out)["adapters"]

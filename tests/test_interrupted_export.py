@@ -1,4 +1,4 @@
-"""`edgesd export --overwrite` killed with SIGKILL at 20 moments spread over its lifetime: after
+"""`edgesd export --overwrite` killed with SIGKILL at 12 moments spread over its lifetime: after
 each kill OUT is the complete previous export, temporary folders of killed runs are removed
 by the next export, and a final rerun succeeds.
 
@@ -6,7 +6,7 @@ The exports are forked from a process that has imported the exporter once
 (tests/export_zygote.py), so each kill costs only the export's own run time; the kill moments
 are stratified over the measured duration of one whole export (seeded jitter), with the last
 ones past its end. Two lanes (each its own output folder and exporter process) run side by
-side, 10 kills each. `python tests/kill_export_long.py` runs the same check with fresh
+side, 6 kills each. `python tests/kill_export_long.py` runs the same check with fresh
 `edgesd export` processes and as many kills as asked.
 """
 
@@ -25,7 +25,7 @@ import pytest
 from conftest import TINY_CONFIG, requires_exporter
 
 pytestmark = requires_exporter
-KILLS = 20
+KILLS = 12
 TMP_MARK = ".edgesd-tmp-"
 
 
@@ -112,7 +112,7 @@ def kill_lane(checkpoint, parent: Path, kills: int, seed: int) -> int:
 
 
 def test_sigkill_at_20_moments_keeps_the_previous_version(tiny_checkpoint, tmp_path):
-    """Two lanes side by side (one per core), 10 kills each."""
+    """Two lanes side by side (one per core), 6 kills each."""
     from concurrent.futures import ThreadPoolExecutor
 
     lanes = [tmp_path / "a", tmp_path / "b"]

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edgesd.errors import CheckpointError, InvalidArgumentError
+from edgesd.exporter.toy.hypernetwork import LAYER_STRUCTURE
 from edgesd.models.toy.artefacts import ARTEFACTS
 
 HERE = Path(__file__).resolve().parents[2]
@@ -40,6 +41,7 @@ class Plan:
     unet_steps: int = 3000
     unet_batch: int = 32
     unet_lr: float = 2e-3
+    unet_ema: float = 0.995
     decoder_steps: int = 1500
     decoder_batch: int = 8
     decoder_lr: float = 5e-4
@@ -50,6 +52,7 @@ class Plan:
     hyper_steps: int = 600
     hyper_lr: float = 3e-3
     hyper_max_timestep: int = 600
+    hyper_layers: tuple = tuple(LAYER_STRUCTURE)
     adapter_batch: int = 16
 
 
@@ -111,7 +114,7 @@ def train_vae_stage(out: Path, config: Path, plan: Plan, seed: int, scenes, imag
     return {"loss": loss, "scaling_factor": scale}
 
 
-def train_unet_stage(out: Path, config: Path, plan: Plan, seed: int, scenes, images, log) -> float:
+def train_unet_stage(out: Path, config: Path, plan: Plan, seed: int, scenes, images, log, device="cpu") -> float:
     """A fresh UNet + text encoder on the checkpoint's encoder latents (scaled); rewrites the
     checkpoint, keeping its VAE. Returns the final loss."""
     from edgesd.exporter.load import load_model
@@ -124,9 +127,11 @@ def train_unet_stage(out: Path, config: Path, plan: Plan, seed: int, scenes, ima
     _, unet, text = build(model.configs)
     latents = encode_means(vae, images) * model.configs["vae"]["scaling_factor"]
     tokens = Tokens()
-    loss = train_diffusion(unet, text, latents, tokens(captions(scenes)), tokens([""])[0], steps=plan.unet_steps,
-                           batch=plan.unet_batch, lr=plan.unet_lr, generator=stage_generator(seed, "unet"), log=log)
-    save_checkpoint(model.configs, unet, vae, text, out / ARTEFACTS["checkpoint"], seed)
+    unet, text = unet.to(device), text.to(device)
+    loss = train_diffusion(unet, text, latents.to(device), tokens(captions(scenes)).to(device),
+                           tokens([""])[0].to(device), steps=plan.unet_steps, batch=plan.unet_batch, lr=plan.unet_lr,
+                           generator=stage_generator(seed, "unet"), log=log, ema_decay=plan.unet_ema)
+    save_checkpoint(model.configs, unet.cpu(), vae, text.cpu(), out / ARTEFACTS["checkpoint"], seed)
     return loss
 
 
@@ -143,9 +148,9 @@ def train_decoder_stage(out: Path, config: Path, plan: Plan, seed: int, scenes, 
     return loss
 
 
-def frozen_base(out: Path, config: Path, scenes, images, style: str):
-    """(unet, text encoder, scaled latents, plain-caption ids) of the `style` scenes, from the
-    checkpoint in `out` as saved (fp16 weights, as the export will read them)."""
+def frozen_base(out: Path, config: Path, scenes, images, style: str, device="cpu"):
+    """(unet, text encoder, scaled latents, plain-caption ids) of the `style` scenes on `device`,
+    from the checkpoint in `out` as saved (fp16 weights, as the export will read them)."""
     import numpy as np
 
     from edgesd.exporter.load import load_model
@@ -158,30 +163,42 @@ def frozen_base(out: Path, config: Path, scenes, images, style: str):
     chosen = np.nonzero(np.array([s.style for s in scenes]) == style)[0]
     latents = encode_means(vae, images[chosen]) * model.configs["vae"]["scaling_factor"]
     ids = Tokens()(captions([scenes[i] for i in chosen], with_style=False))
-    return unet, text, latents, ids
+    return unet.to(device), text.to(device), latents.to(device), ids.to(device)
 
 
-def train_lora_stage(out: Path, config: Path, plan: Plan, seed: int, scenes, images, log) -> None:
+def train_lora_stage(out: Path, config: Path, plan: Plan, seed: int, scenes, images, log, device="cpu") -> None:
     from safetensors.torch import save_file
 
     from edgesd.exporter.toy.lora import train_lora
 
-    unet, text, latents, ids = frozen_base(out, config, scenes, images, "striped")
+    unet, text, latents, ids = frozen_base(out, config, scenes, images, "striped", device)
     lora = train_lora(unet, text, latents, ids, rank=plan.lora_rank, steps=plan.lora_steps, batch=plan.adapter_batch,
                       lr=plan.lora_lr, generator=stage_generator(seed, "lora"), log=log,
                       max_timestep=plan.lora_max_timestep)
     rank = str(plan.lora_rank)
-    save_file(lora, str(out / ARTEFACTS["lora"]), metadata={"format": "pt", "ss_network_module": "networks.lora",
+    save_file({k: v.cpu() for k, v in lora.items()}, str(out / ARTEFACTS["lora"]), metadata={"format": "pt", "ss_network_module": "networks.lora",
                                                             "ss_network_dim": rank, "ss_network_alpha": rank})
 
 
-def train_hypernetwork_stage(out: Path, config: Path, plan: Plan, seed: int, scenes, images, log) -> None:
+def train_hypernetwork_stage(out: Path, config: Path, plan: Plan, seed: int, scenes, images, log,
+                             device="cpu") -> None:
     from edgesd.exporter.toy.hypernetwork import train_hypernetwork
 
-    unet, text, latents, ids = frozen_base(out, config, scenes, images, "outlined")
+    unet, text, latents, ids = frozen_base(out, config, scenes, images, "outlined", device)
     train_hypernetwork(unet, text, latents, ids, out / ARTEFACTS["hypernetwork"], steps=plan.hyper_steps,
                        batch=plan.adapter_batch, lr=plan.hyper_lr, generator=stage_generator(seed, "hypernetwork"),
-                       log=log, max_timestep=plan.hyper_max_timestep)
+                       log=log, max_timestep=plan.hyper_max_timestep, layer_structure=plan.hyper_layers)
+
+
+def run_stage(stage: str, out: Path, config: Path, plan: Plan, seed: int, scenes, images, log, device="cpu"):
+    """One stage on the files in `out`; the VAE stage runs on the CPU only."""
+    import torch
+
+    torch.manual_seed(stage_seed(seed, stage))  # module initialisations draw from the global generator
+    runs = {"vae": train_vae_stage, "unet": train_unet_stage, "decoder": train_decoder_stage,
+            "lora": train_lora_stage, "hypernetwork": train_hypernetwork_stage}
+    extra = {} if stage in ("vae", "decoder") else {"device": device}
+    return runs[stage](out, config, plan, seed, scenes, images, log, **extra)
 
 
 def train(out: Path, config: Path, plan: Plan, seed: int, stages=STAGES, log=print) -> dict:
@@ -200,12 +217,9 @@ def train(out: Path, config: Path, plan: Plan, seed: int, stages=STAGES, log=pri
     scenes, images = scene_pool(plan.pool, seed)
     times["render"] = time.time() - t0
     losses = report.setdefault("final_losses", {})
-    runs = {"vae": train_vae_stage, "unet": train_unet_stage, "decoder": train_decoder_stage,
-            "lora": train_lora_stage, "hypernetwork": train_hypernetwork_stage}
     for stage in (s for s in STAGES if s in stages):
         start = time.time()
-        torch.manual_seed(stage_seed(seed, stage))  # module initialisations draw from the global generator
-        result = runs[stage](out, config, plan, seed, scenes, images, log)
+        result = run_stage(stage, out, config, plan, seed, scenes, images, log)
         if stage == "vae":
             losses["vae"], report["scaling_factor"] = result["loss"], result["scaling_factor"]
         elif result is not None:
