@@ -30,28 +30,25 @@ from pathlib import Path
 SAMPLERS = (("Euler a", "Automatic"), ("DPM++ 2M", "Karras"))
 # recipe -> (stage, Plan overrides, module constants of exporter.toy.diffusion)
 RECIPES = {
-    "unet-x2": ("unet", {"unet_steps": 6000}, {}),
     "unet-ref": ("unet", {}, {}),
+    "unet-3000": ("unet", {"unet_steps": 3000}, {}),
+    "unet-6000": ("unet", {"unet_steps": 6000}, {}),
     "unet-lr1e-3": ("unet", {"unet_lr": 1e-3}, {}),
     "unet-lr4e-3": ("unet", {"unet_lr": 4e-3}, {}),
-    "unet-b16x6000": ("unet", {"unet_batch": 16, "unet_steps": 6000}, {}),
+    "unet-b16x9000": ("unet", {"unet_batch": 16, "unet_steps": 9000}, {}),
     "unet-nosnr": ("unet", {}, {"MIN_SNR": None}),
     "unet-ema999": ("unet", {"unet_ema": 0.999}, {}),
     "unet-drop5": ("unet", {}, {"DROP_CAPTION": 0.05}),
-    "unet-x1.5": ("unet", {"unet_steps": 4500}, {}),
     "lora-ref": ("lora", {}, {}),
+    "lora-unet-only": ("lora", {"lora_text": False}, {}),
     "lora-x2": ("lora", {"lora_steps": 1800}, {}),
     "lora-t600": ("lora", {"lora_max_timestep": 600}, {}),
-    "lora-r16": ("lora", {"lora_rank": 16}, {}),
-    "lora-lr2e-2": ("lora", {"lora_lr": 2e-2}, {}),
-    "lora-x2-r16": ("lora", {"lora_steps": 1800, "lora_rank": 16}, {}),
-    "lora-x3-t600": ("lora", {"lora_steps": 2700, "lora_max_timestep": 600}, {}),
+    "lora-r16-lr3e-3": ("lora", {"lora_rank": 16, "lora_lr": 3e-3}, {}),
     "hyper-ref": ("hypernetwork", {}, {}),
     "hyper-2000": ("hypernetwork", {"hyper_steps": 2000}, {}),
     "hyper-2000-lr1e-2": ("hypernetwork", {"hyper_steps": 2000, "hyper_lr": 1e-2}, {}),
     "hyper-4000-lr1e-2": ("hypernetwork", {"hyper_steps": 4000, "hyper_lr": 1e-2}, {}),
     "hyper-2000-lr1e-2-t1000": ("hypernetwork", {"hyper_steps": 2000, "hyper_lr": 1e-2, "hyper_max_timestep": 1000}, {}),
-    "hyper-2000-lr1e-2-t400": ("hypernetwork", {"hyper_steps": 2000, "hyper_lr": 1e-2, "hyper_max_timestep": 400}, {}),
     "hyper-2000-lr1e-2-141": ("hypernetwork", {"hyper_steps": 2000, "hyper_lr": 1e-2, "hyper_layers": (1, 4, 1)}, {}),
 }
 
@@ -135,6 +132,7 @@ def main(argv=None) -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/toy-recipes"))
     p.add_argument("--device", default="cpu", help="torch device for training (cpu, cuda)")
     p.add_argument("--jobs", type=int, default=1, help="recipes run at once, each in its own process")
+    p.add_argument("--threads", type=int, help="CPU threads per recipe (default: cores / jobs)")
     p.add_argument("--only", help=f"comma-separated recipes (default all: {', '.join(RECIPES)})")
     p.add_argument("--quick", action="store_true", help="a few steps per recipe and a small pool: a smoke run")
     p.add_argument("--checkpoint", type=Path, help="the checkpoint each recipe starts from (default: the committed one)")
@@ -151,7 +149,7 @@ def main(argv=None) -> None:
     if unknown:
         p.error(f"unknown recipe {', '.join(unknown)}; valid: {', '.join(RECIPES)}")
     prepare(args.work, args.quick)
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
 
     def worker(name):
         cmd = [sys.executable, __file__, "--recipe", name, "--work", str(args.work), "--device", args.device,

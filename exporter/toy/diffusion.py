@@ -43,7 +43,8 @@ def train_diffusion(unet, text_encoder, latents, ids, empty_ids, *, steps: int, 
     return result
 
 
-def adapter_loss(unet, text_encoder, latents, ids, *, batch: int, generator, max_timestep: int | None = None):
+def adapter_loss(unet, text_encoder, latents, ids, *, batch: int, generator, max_timestep: int | None = None,
+                 train_text: bool = False):
     """The same epsilon loss for adapter training (frozen base, captions kept); a style is
     detail the noise drowns at the top timesteps, `max_timestep` leaves those out."""
     import torch
@@ -54,7 +55,7 @@ def adapter_loss(unet, text_encoder, latents, ids, *, batch: int, generator, max
 
     def loss(step):
         idx = torch.randint(0, len(latents), (batch,), generator=generator).to(latents.device)
-        with torch.no_grad():
+        with torch.set_grad_enabled(train_text):
             context = text_encoder(ids[idx])[0]
         return epsilon_loss(unet, latents[idx], context, generator, table, max_timestep=max_timestep)
 

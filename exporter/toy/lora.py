@@ -23,16 +23,22 @@ def lora_pair(module, rank: int):
     return down, up
 
 
-def attach(unet, rank: int = RANK) -> dict:
-    """{kohya name: (down, up)} for every LoCon target of the UNet, hooked into its forward."""
+def attach(unet, rank: int = RANK, text_encoder=None) -> dict:
+    """{kohya name: (down, up)} for every LoCon target of the UNet (and of the text encoder's
+    linears, when given), hooked into its forward."""
     import torch
 
-    from edgesd.exporter.adapters.synth import kohya_name, unet_targets
+    from edgesd.exporter.adapters.synth import kohya_name, text_targets, unet_targets
+    from edgesd.exporter.ldm_layout import text_checkpoint_key
 
+    targets = [(kohya_name("lora_unet", p), m) for p, m in unet_targets(unet, conv=True)]
+    if text_encoder is not None:
+        targets += [(kohya_name("lora_te", text_checkpoint_key(p)), m) for p, m in text_targets(text_encoder)]
+        torch.nn.Module.requires_grad_(text_encoder, False)
     pairs = {}
-    for path, module in unet_targets(unet, conv=True):
+    for name, module in targets:
         down, up = (m.to(module.weight.device) for m in lora_pair(module, rank))
-        pairs[kohya_name("lora_unet", path)] = (down, up)
+        pairs[name] = (down, up)
         module.register_forward_hook(lambda m, inp, out, d=down, u=up: out + u(d(inp[0])))
     torch.nn.Module.requires_grad_(unet, False)
     return pairs
@@ -51,13 +57,15 @@ def kohya_state(pairs: dict, rank: int = RANK) -> dict:
 
 
 def train_lora(unet, text_encoder, latents, ids, *, steps: int, batch: int, lr: float, generator, log,
-               rank: int = RANK, max_timestep: int | None = None) -> dict:
+               rank: int = RANK, max_timestep: int | None = None, text: bool = False) -> dict:
+    """`text`: the text encoder gets LoRA modules too (`lora_te_*`), so the plain caption can
+    learn to encode like the styled one."""
     from edgesd.exporter.toy.diffusion import adapter_loss
     from edgesd.exporter.toy.loop import optimise
 
-    pairs = attach(unet, rank)
+    pairs = attach(unet, rank, text_encoder if text else None)
     params = [p for d, u in pairs.values() for p in (*d.parameters(), *u.parameters())]
     optimise(params, adapter_loss(unet, text_encoder, latents, ids, batch=batch, generator=generator,
-                                  max_timestep=max_timestep),
+                                  max_timestep=max_timestep, train_text=text),
              steps=steps, lr=lr, log=log, name="lora")
     return kohya_state(pairs, rank)

@@ -38,7 +38,7 @@ class Plan:
     pool: int = 12000
     vae_steps: int = 5000
     vae_batch: int = 16
-    unet_steps: int = 3000
+    unet_steps: int = 4500
     unet_batch: int = 32
     unet_lr: float = 2e-3
     unet_ema: float = 0.995
@@ -49,6 +49,7 @@ class Plan:
     lora_rank: int = 8
     lora_lr: float = 1e-2
     lora_max_timestep: int = 1000
+    lora_text: bool = True
     hyper_steps: int = 600
     hyper_lr: float = 3e-3
     hyper_max_timestep: int = 600
@@ -174,7 +175,7 @@ def train_lora_stage(out: Path, config: Path, plan: Plan, seed: int, scenes, ima
     unet, text, latents, ids = frozen_base(out, config, scenes, images, "striped", device)
     lora = train_lora(unet, text, latents, ids, rank=plan.lora_rank, steps=plan.lora_steps, batch=plan.adapter_batch,
                       lr=plan.lora_lr, generator=stage_generator(seed, "lora"), log=log,
-                      max_timestep=plan.lora_max_timestep)
+                      max_timestep=plan.lora_max_timestep, text=plan.lora_text)
     rank = str(plan.lora_rank)
     save_file({k: v.cpu() for k, v in lora.items()}, str(out / ARTEFACTS["lora"]), metadata={"format": "pt", "ss_network_module": "networks.lora",
                                                             "ss_network_dim": rank, "ss_network_alpha": rank})
