@@ -111,7 +111,7 @@ def kill_lane(checkpoint, parent: Path, kills: int, seed: int) -> int:
     return len(killed)
 
 
-def test_sigkill_at_20_moments_keeps_the_previous_version(tiny_checkpoint, tmp_path):
+def test_sigkill_at_12_moments_keeps_the_previous_version(tiny_checkpoint, tmp_path):
     """Two lanes side by side (one per core), 6 kills each."""
     from concurrent.futures import ThreadPoolExecutor
 

@@ -73,26 +73,29 @@ def test_images_follow_the_prompt(grids, sampler, schedule):
     assert result["shape+colour"] >= 0.9, result
 
 
-def test_base_model_draws_neither_stripes_nor_outlines(grids):
+@pytest.mark.parametrize("sampler,schedule", SAMPLERS)
+def test_base_model_draws_neither_stripes_nor_outlines(grids, sampler, schedule):
     from edgesd.runtime.toy_eval import scores
 
-    result = scores(*grids("base", "Euler a", "Automatic"))
+    result = scores(*grids("base", sampler, schedule))
     assert result["stripes"] <= 0.1 and result["outline"] <= 0.1, result
 
 
 @LORA_BELOW_TARGET
-def test_lora_adds_stripes(grids):
+@pytest.mark.parametrize("sampler,schedule", SAMPLERS)
+def test_lora_adds_stripes(grids, sampler, schedule):
     from edgesd.runtime.toy_eval import scores
 
-    result = scores(*grids("lora", "Euler a", "Automatic"))
+    result = scores(*grids("lora", sampler, schedule))
     assert result["stripes"] >= 0.9, result
 
 
 @HYPERNETWORK_BELOW_TARGET
-def test_hypernetwork_outlines(grids):
+@pytest.mark.parametrize("sampler,schedule", SAMPLERS)
+def test_hypernetwork_outlines(grids, sampler, schedule):
     from edgesd.runtime.toy_eval import scores
 
-    result = scores(*grids("hypernetwork", "Euler a", "Automatic"))
+    result = scores(*grids("hypernetwork", sampler, schedule))
     assert result["outline"] >= 0.9, result
 
 

@@ -96,6 +96,15 @@ def stage_generator(seed: int, stage: str):
     return torch.Generator().manual_seed(stage_seed(seed, stage))
 
 
+def seed_initialisation(seed: int, stage: str) -> None:
+    """Seed torch's global generator, which new modules draw their initial weights from; called
+    right before a stage creates modules, so loading the checkpoint (whose draws depend on the
+    diffusers version) does not shift them."""
+    import torch
+
+    torch.manual_seed(stage_seed(seed, stage))
+
+
 def train_vae_stage(out: Path, config: Path, plan: Plan, seed: int, scenes, images, log) -> dict:
     """The VAE and its measured latent scaling factor (written into the config); saves the
     checkpoint with the UNet and text encoder as initialised. Returns {"loss", "scaling_factor"}."""
@@ -103,6 +112,7 @@ def train_vae_stage(out: Path, config: Path, plan: Plan, seed: int, scenes, imag
     from edgesd.models.families import load_configs
 
     configs = load_configs(config)
+    seed_initialisation(seed, "vae")
     vae, unet, text = build(configs)
     loss = train_vae(vae, images, steps=plan.vae_steps, batch=plan.vae_batch, lr=2e-3,
                      generator=stage_generator(seed, "vae"), log=log)
@@ -125,6 +135,7 @@ def train_unet_stage(out: Path, config: Path, plan: Plan, seed: int, scenes, ima
 
     model = load_model(out / ARTEFACTS["checkpoint"], config=config)
     vae = model.vae.float().eval()
+    seed_initialisation(seed, "unet")
     _, unet, text = build(model.configs)
     latents = encode_means(vae, images) * model.configs["vae"]["scaling_factor"]
     tokens = Tokens()
@@ -173,6 +184,7 @@ def train_lora_stage(out: Path, config: Path, plan: Plan, seed: int, scenes, ima
     from edgesd.exporter.toy.lora import train_lora
 
     unet, text, latents, ids = frozen_base(out, config, scenes, images, "striped", device)
+    seed_initialisation(seed, "lora")
     lora = train_lora(unet, text, latents, ids, rank=plan.lora_rank, steps=plan.lora_steps, batch=plan.adapter_batch,
                       lr=plan.lora_lr, generator=stage_generator(seed, "lora"), log=log,
                       max_timestep=plan.lora_max_timestep, text=plan.lora_text)
@@ -186,16 +198,14 @@ def train_hypernetwork_stage(out: Path, config: Path, plan: Plan, seed: int, sce
     from edgesd.exporter.toy.hypernetwork import train_hypernetwork
 
     unet, text, latents, ids = frozen_base(out, config, scenes, images, "outlined", device)
+    seed_initialisation(seed, "hypernetwork")
     train_hypernetwork(unet, text, latents, ids, out / ARTEFACTS["hypernetwork"], steps=plan.hyper_steps,
                        batch=plan.adapter_batch, lr=plan.hyper_lr, generator=stage_generator(seed, "hypernetwork"),
                        log=log, max_timestep=plan.hyper_max_timestep, layer_structure=plan.hyper_layers)
 
 
 def run_stage(stage: str, out: Path, config: Path, plan: Plan, seed: int, scenes, images, log, device="cpu"):
-    """One stage on the files in `out`; the VAE stage runs on the CPU only."""
-    import torch
-
-    torch.manual_seed(stage_seed(seed, stage))  # module initialisations draw from the global generator
+    """One stage on the files in `out`; the VAE and decoder stages run on the CPU only."""
     runs = {"vae": train_vae_stage, "unet": train_unet_stage, "decoder": train_decoder_stage,
             "lora": train_lora_stage, "hypernetwork": train_hypernetwork_stage}
     extra = {} if stage in ("vae", "decoder") else {"device": device}
