@@ -1,6 +1,6 @@
 """Train the toy model and its adapters, and write the committed artefacts.
 
-    python -m edgesd.exporter.toy.train            # full run (about 35 min on one quiet CPU core)
+    python -m edgesd.exporter.toy.train            # full run (about 43 min on one quiet CPU core)
     python -m edgesd.exporter.toy.train --quick -o /tmp/toy --config /tmp/toy-config
     python -m edgesd.exporter.toy.train --stages lora,hypernetwork   # adapters on the committed base
 
