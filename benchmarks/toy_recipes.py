@@ -74,7 +74,7 @@ def run_recipe(name: str, work: Path, device: str, quick: bool, checkpoint: Path
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     shutil.copy(checkpoint, folder / ARTEFACTS["checkpoint"])
-    scenes, images = pickle.loads((work / "pool.pickle").read_bytes())
+    scenes, images = pickle.loads(pool_path(work, plan.pool).read_bytes())
     t0 = time.time()
     train.run_stage(stage, folder, work / "config", plan, 0, scenes, images,
                     log=lambda m: print(f"{name}: {m}", flush=True), device=device)
@@ -102,6 +102,10 @@ def judge(checkpoint: Path, out: Path, config: Path, adapters: dict) -> dict:
             for sampler, schedule in SAMPLERS}
 
 
+def pool_path(work: Path, size: int) -> Path:
+    return work / f"pool-{size}.pickle"
+
+
 def prepare(work: Path, quick: bool) -> None:
     """The scene pool (as train.py draws it) and the toy config, once for all recipes."""
     from edgesd.exporter.toy.data import scene_pool
@@ -109,11 +113,9 @@ def prepare(work: Path, quick: bool) -> None:
     from edgesd.exporter.toy.train import QUICK, Plan
 
     work.mkdir(parents=True, exist_ok=True)
-    pool = work / "pool.pickle"
     size = (QUICK if quick else Plan()).pool
-    if not pool.is_file() or json.loads((work / "pool.json").read_text() if (work / "pool.json").is_file() else "0") != size:
-        pool.write_bytes(pickle.dumps(scene_pool(size, 0)))
-        (work / "pool.json").write_text(json.dumps(size))
+    if not pool_path(work, size).is_file():
+        pool_path(work, size).write_bytes(pickle.dumps(scene_pool(size, 0)))
     shutil.copytree(config_dir(), work / "config", dirs_exist_ok=True)
 
 
