@@ -82,11 +82,12 @@ def test_adapter_stages_retrain_on_the_checkpoint_and_keep_the_base_record(tmp_p
     from edgesd.models.toy.artefacts import ARTEFACTS, artefact_path
 
     shutil.copy(artefact_path("checkpoint"), tmp_path / ARTEFACTS["checkpoint"])
-    (tmp_path / "training.json").write_text(json.dumps({"wall_seconds": {"vae": 10.0, "unet+text": 20.0},
+    (tmp_path / "training.json").write_text(json.dumps({"wall_seconds": {"vae": 10.0, "unet": 20.0, "unet+text": 5.0},
                                                         "final_losses": {"unet": 0.1}}))
     report = train(tmp_path, CONFIG_ROOT / "toy", QUICK, 0, ("lora", "hypernetwork"), log=lambda m: None)
     assert report["final_losses"] == {"unet": 0.1}
     seconds = report["wall_seconds"]
+    assert "unet+text" not in seconds  # no longer a stage: its time is not the files'
     assert seconds["vae"] == 10.0 and seconds["total"] == pytest.approx(30 + seconds["render"] + seconds["lora"] + seconds["hypernetwork"], abs=0.2)
     assert report["plan"]["lora_steps"] == QUICK.lora_steps
     assert read_hypernetwork(tmp_path / ARTEFACTS["hypernetwork"]).widths
