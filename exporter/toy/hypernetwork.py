@@ -48,7 +48,8 @@ def train_hypernetwork(unet, text_encoder, latents, ids, out, *, steps: int, bat
     # Every attention shares one (k, v) pair, as in A1111: tie them to the first layer's.
     k_module, v_module = modules[0], modules[1]
     device = next(unet.parameters()).device
-    k_module.to(device), v_module.to(device)
+    for m in (k_module, v_module):
+        m.to(device)
     for i, m in enumerate(modules):
         m.linear = (k_module if i % 2 == 0 else v_module).linear
     params = [*k_module.parameters(), *v_module.parameters()]

@@ -189,8 +189,8 @@ def train_lora_stage(out: Path, config: Path, plan: Plan, seed: int, scenes, ima
                       lr=plan.lora_lr, generator=stage_generator(seed, "lora"), log=log,
                       max_timestep=plan.lora_max_timestep, text=plan.lora_text)
     rank = str(plan.lora_rank)
-    save_file({k: v.cpu() for k, v in lora.items()}, str(out / ARTEFACTS["lora"]), metadata={"format": "pt", "ss_network_module": "networks.lora",
-                                                            "ss_network_dim": rank, "ss_network_alpha": rank})
+    metadata = {"format": "pt", "ss_network_module": "networks.lora", "ss_network_dim": rank, "ss_network_alpha": rank}
+    save_file({k: v.cpu() for k, v in lora.items()}, str(out / ARTEFACTS["lora"]), metadata=metadata)
 
 
 def train_hypernetwork_stage(out: Path, config: Path, plan: Plan, seed: int, scenes, images, log,
@@ -236,7 +236,7 @@ def train(out: Path, config: Path, plan: Plan, seed: int, stages=STAGES, log=pri
         elif result is not None:
             losses[stage] = result
         times[stage] = time.time() - start
-    times = {k: v for k, v in times.items() if k in ("render", *STAGES)}  # a record of another recipe's stage goes
+    times = {k: v for k, v in times.items() if k in ("render", *STAGES)}  # records of stages since removed go
     times["total"] = sum(times.values())
     report.update(seed=seed, plan=asdict(plan), wall_seconds={k: round(v, 1) for k, v in times.items()},
                   torch=torch.__version__, threads=torch.get_num_threads())
