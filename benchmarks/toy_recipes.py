@@ -4,10 +4,13 @@ exported ONNX pipeline on the numbers the quality tests assert.
     python benchmarks/toy_recipes.py --device cuda --jobs 12 --work /tmp/recipes
     python benchmarks/toy_recipes.py --only lora-ref,hyper-ref --quick      # a smoke run on the CPU
 
-Each recipe retrains one stage from the committed checkpoint ("unet": the UNet and text
-encoder afresh on the committed VAE's latents; "lora" / "hypernetwork": the adapter on the
-committed base), exports it with edgesd's exporter and generates the quality grid on the CPU
-provider (Euler a and DPM++ 2M Karras, 20 steps, CFG 5). Training may run on a GPU: the
+Each recipe retrains stages in order from the committed checkpoint ("unet": the UNet and
+text encoder afresh on the checkpoint's VAE latents; "lora" / "hypernetwork": the adapter on
+the base; "vae", "decoder": the autoencoder), exports it with edgesd's exporter and generates
+the quality grid on the CPU provider (Euler a and DPM++ 2M Karras, 20 steps, CFG 5), without
+adapters when the UNet was retrained, and with each retrained adapter at 1.0. An autoencoder
+is also judged by its round trips: how often the evaluator reads a scene's style back after
+encoding and decoding it (outlined crosses apart, the hardest). Training may run on a GPU: the
 random draws come from the same CPU generators as in `exporter/toy/train.py`, but GPU
 arithmetic differs, so a recipe's numbers there estimate, not reproduce, a CPU run. Each
 recipe runs in its own process; results land in WORK/<recipe>/result.json and a table.
@@ -28,28 +31,60 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 SAMPLERS = (("Euler a", "Automatic"), ("DPM++ 2M", "Karras"))
-# recipe -> (stage, Plan overrides, module constants of exporter.toy.diffusion)
+ADAPTERS = {"lora": "loras", "hypernetwork": "hypernetworks"}
+
+
+def recipe(stages, plan=None, constants=None, config=None) -> dict:
+    """`stages` retrained in order from the starting checkpoint; `plan`: Plan overrides;
+    `constants`: {"module.NAME": value} of edgesd.exporter.toy modules; `config`: {component:
+    overrides} of the toy architecture config (a new architecture must retrain that component)."""
+    return {"stages": tuple(stages.split(",")), "plan": plan or {}, "constants": constants or {},
+            "config": config or {}}
+
+
+OUTLINE_HEAVY = {"data.STYLE_SHARES": (0.4, 0.2, 0.4)}
+DEEP_LATENT_VAE = {"vae": {"block_out_channels": [8, 16, 32, 64]}}
 RECIPES = {
-    "unet-ref": ("unet", {}, {}),
-    "unet-3000": ("unet", {"unet_steps": 3000}, {}),
-    "unet-6000": ("unet", {"unet_steps": 6000}, {}),
-    "unet-lr1e-3": ("unet", {"unet_lr": 1e-3}, {}),
-    "unet-lr4e-3": ("unet", {"unet_lr": 4e-3}, {}),
-    "unet-b16x9000": ("unet", {"unet_batch": 16, "unet_steps": 9000}, {}),
-    "unet-nosnr": ("unet", {}, {"MIN_SNR": None}),
-    "unet-ema999": ("unet", {"unet_ema": 0.999}, {}),
-    "unet-drop5": ("unet", {}, {"DROP_CAPTION": 0.05}),
-    "lora-ref": ("lora", {}, {}),
-    "lora-unet-only": ("lora", {"lora_text": False}, {}),
-    "lora-x2": ("lora", {"lora_steps": 1800}, {}),
-    "lora-t600": ("lora", {"lora_max_timestep": 600}, {}),
-    "lora-r16-lr3e-3": ("lora", {"lora_rank": 16, "lora_lr": 3e-3}, {}),
-    "hyper-ref": ("hypernetwork", {}, {}),
-    "hyper-2000": ("hypernetwork", {"hyper_steps": 2000}, {}),
-    "hyper-2000-lr1e-2": ("hypernetwork", {"hyper_steps": 2000, "hyper_lr": 1e-2}, {}),
-    "hyper-4000-lr1e-2": ("hypernetwork", {"hyper_steps": 4000, "hyper_lr": 1e-2}, {}),
-    "hyper-2000-lr1e-2-t1000": ("hypernetwork", {"hyper_steps": 2000, "hyper_lr": 1e-2, "hyper_max_timestep": 1000}, {}),
-    "hyper-2000-lr1e-2-141": ("hypernetwork", {"hyper_steps": 2000, "hyper_lr": 1e-2, "hyper_layers": (1, 4, 1)}, {}),
+    "unet-ref": recipe("unet"),
+    "unet-3000": recipe("unet", {"unet_steps": 3000}),
+    "unet-6000": recipe("unet", {"unet_steps": 6000}),
+    "unet-lr1e-3": recipe("unet", {"unet_lr": 1e-3}),
+    "unet-lr4e-3": recipe("unet", {"unet_lr": 4e-3}),
+    "unet-b16x9000": recipe("unet", {"unet_batch": 16, "unet_steps": 9000}),
+    "unet-nosnr": recipe("unet", constants={"diffusion.MIN_SNR": None}),
+    "unet-ema999": recipe("unet", {"unet_ema": 0.999}),
+    "unet-drop5": recipe("unet", constants={"diffusion.DROP_CAPTION": 0.05}),
+    "lora-ref": recipe("lora"),
+    "lora-unet-only": recipe("lora", {"lora_text": False}),
+    "lora-x2": recipe("lora", {"lora_steps": 1800}),
+    "lora-t600": recipe("lora", {"lora_max_timestep": 600}),
+    "lora-r16-lr3e-3": recipe("lora", {"lora_rank": 16, "lora_lr": 3e-3}),
+    "hyper-ref": recipe("hypernetwork"),
+    "hyper-2000": recipe("hypernetwork", {"hyper_steps": 2000}),
+    "hyper-2000-lr1e-2": recipe("hypernetwork", {"hyper_steps": 2000, "hyper_lr": 1e-2}),
+    "hyper-4000-lr1e-2": recipe("hypernetwork", {"hyper_steps": 4000, "hyper_lr": 1e-2}),
+    "hyper-2000-lr1e-2-t1000": recipe("hypernetwork", {"hyper_steps": 2000, "hyper_lr": 1e-2,
+                                                       "hyper_max_timestep": 1000}),
+    "hyper-2000-lr1e-2-141": recipe("hypernetwork", {"hyper_steps": 2000, "hyper_lr": 1e-2, "hyper_layers": (1, 4, 1)}),
+    # the autoencoder (VAE stage, then the decoder stage), judged by its round trips
+    "vae-ref": recipe("vae,decoder"),
+    "vae-outline-heavy": recipe("vae,decoder", constants=OUTLINE_HEAVY),
+    "vae-edge3": recipe("vae,decoder", constants={"vae.EDGE_WEIGHT": 3.0}),
+    "vae-10000": recipe("vae,decoder", {"vae_steps": 10000}),
+    "vae-crop64": recipe("vae,decoder", {"vae_steps": 2500, "vae_batch": 8}, {"vae.CROP": 64}),
+    "vae-deep-latent": recipe("vae,decoder", config=DEEP_LATENT_VAE),
+    "vae-wide": recipe("vae,decoder", config={"vae": {"block_out_channels": [16, 32, 64, 64]}}),
+    "vae-2-layers": recipe("vae,decoder", config={"vae": {"layers_per_block": 2}}),
+    "vae-decoder-3000": recipe("vae,decoder", {"decoder_steps": 3000}),
+    "vae-decoder-outline-heavy": recipe("vae,decoder", {"decoder_style_shares": (0.25, 0.25, 0.5)}),
+    "vae-decoder-3000-outline-heavy": recipe("vae,decoder", {"decoder_steps": 3000,
+                                                             "decoder_style_shares": (0.25, 0.25, 0.5)}),
+    # the whole chain up to the hypernetwork, judged on the grid (base and hypernetwork)
+    "chain-ref": recipe("vae,unet,decoder,hypernetwork"),
+    "chain-outline-heavy": recipe("vae,unet,decoder,hypernetwork", constants=OUTLINE_HEAVY),
+    "chain-deep-latent": recipe("vae,unet,decoder,hypernetwork", config=DEEP_LATENT_VAE),
+    "chain-deep-outline-heavy": recipe("vae,unet,decoder,hypernetwork", constants=OUTLINE_HEAVY,
+                                       config=DEEP_LATENT_VAE),
 }
 
 
@@ -61,30 +96,88 @@ def plan_of(overrides: dict, quick: bool):
                             if k in asdict(base)})
 
 
+def set_constants(constants: dict) -> None:
+    import importlib
+
+    for key, value in constants.items():
+        module, name = key.rsplit(".", 1)
+        setattr(importlib.import_module(f"edgesd.exporter.toy.{module}"), name, value)
+
+
+def recipe_config(work: Path, folder: Path, overrides: dict, own: bool) -> Path:
+    """The toy config with the recipe's architecture overrides: the shared one if none and not
+    `own` (the VAE stage writes its scaling factor into the config)."""
+    if not overrides and not own:
+        return work / "config"
+    config = folder / "config"
+    shutil.copytree(work / "config", config)
+    for component, changes in overrides.items():
+        path = config / component / "config.json"
+        path.write_text(json.dumps(dict(json.loads(path.read_text()), **changes), indent=2) + "\n")
+    return config
+
+
 def run_recipe(name: str, work: Path, device: str, quick: bool, checkpoint: Path) -> dict:
     """Train, export and judge one recipe in this process; returns and writes its result."""
-    from edgesd.exporter.toy import diffusion, train
+    from edgesd.exporter.toy import train
     from edgesd.models.toy.artefacts import ARTEFACTS
 
-    stage, overrides, constants = RECIPES[name]
-    plan = plan_of(overrides, quick)
-    for key, value in constants.items():
-        setattr(diffusion, key, value)
+    spec = RECIPES[name]
+    plan = plan_of(spec["plan"], quick)
+    set_constants(spec["constants"])
     folder = work / name
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
+    config = recipe_config(work, folder, spec["config"], own="vae" in spec["stages"])
     shutil.copy(checkpoint, folder / ARTEFACTS["checkpoint"])
-    scenes, images = pickle.loads(pool_path(work, plan.pool).read_bytes())
+    if "data.STYLE_SHARES" in spec["constants"]:
+        from edgesd.exporter.toy.data import scene_pool
+
+        scenes, images = scene_pool(plan.pool, 0)
+    else:
+        scenes, images = pickle.loads(pool_path(work, plan.pool).read_bytes())
     t0 = time.time()
-    train.run_stage(stage, folder, work / "config", plan, 0, scenes, images,
-                    log=lambda m: print(f"{name}: {m}", flush=True), device=device)
+    for stage in spec["stages"]:
+        train.run_stage(stage, folder, config, plan, 0, scenes, images,
+                        log=lambda m: print(f"{name}: {m}", flush=True), device=device)
     seconds = time.time() - t0
-    adapters = {"lora": {"loras": [f"{folder / ARTEFACTS['lora']}:1.0"]},
-                "hypernetwork": {"hypernetworks": [f"{folder / ARTEFACTS['hypernetwork']}:1.0"]}}.get(stage, {})
-    result = {"recipe": name, "stage": stage, "overrides": overrides, "constants": constants, "device": device,
-              "train_seconds": round(seconds, 1),
-              "scores": judge(folder / ARTEFACTS["checkpoint"], folder / "onnx", work / "config", adapters)}
+    scores = {}
+    if "decoder" in spec["stages"]:
+        scores["round trip"] = round_trip_scores(folder / ARTEFACTS["checkpoint"], config)
+    variants = [s for s in spec["stages"] if s in ADAPTERS]
+    if "unet" in spec["stages"] or not variants:
+        variants.insert(0, "base")
+    for variant in variants if set(spec["stages"]) - {"vae", "decoder"} else ():
+        adapters = {ADAPTERS[variant]: [f"{folder / ARTEFACTS[variant]}:1.0"]} if variant in ADAPTERS else {}
+        scores.update({f"{variant}, {k}": v for k, v in judge(folder / ARTEFACTS["checkpoint"],
+                                                              folder / f"onnx-{variant}", config, adapters).items()})
+    result = {"recipe": name, **spec, "device": device, "train_seconds": round(seconds, 1), "scores": scores}
     (folder / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def round_trip_scores(checkpoint: Path, config: Path, n: int = 300) -> dict:
+    """The autoencoder's round trips of `n` scenes per style (seed 7, as benchmarks/toy_evaluator.py):
+    the fraction read back as the scene's style, and for outlines per shape."""
+    import numpy as np
+
+    from edgesd.exporter.load import load_model
+    from edgesd.exporter.toy.vae import round_trip
+    from edgesd.models.toy import STYLES, evaluate, random_scene, render
+
+    vae = load_model(checkpoint, config=config).vae.float().eval()
+    result = {}
+    for style in STYLES:
+        rng = np.random.default_rng(7)
+        scenes = [random_scene(rng, style) for _ in range(n)]
+        verdicts = [evaluate(im) for im in round_trip(vae, np.stack([render(s) for s in scenes]))]
+        kept = [v.style() == style for v in verdicts]
+        result[style] = float(np.mean(kept))
+        result[f"{style} shape+colour"] = float(np.mean([(v.shape, v.colour) == (s.shape, s.colour)
+                                                         for v, s in zip(verdicts, scenes)]))
+        if style == "outlined":
+            for shape in sorted({s.shape for s in scenes}):
+                result[f"outlined {shape}"] = float(np.mean([k for k, s in zip(kept, scenes) if s.shape == shape]))
     return result
 
 
@@ -120,12 +213,16 @@ def prepare(work: Path, quick: bool) -> None:
 
 
 def table(results: list) -> str:
-    lines = ["| recipe | stage | train s | " + " | ".join(f"{s} {c}: shape+colour / stripes / outline"
-                                                          for s, c in SAMPLERS) + " |",
-             "|---|---|---|" + "---|" * len(SAMPLERS)]
+    """One row per recipe and judged thing: round trips (kept style per style, outlined crosses),
+    grid scores (shape+colour / stripes / outline per sampler)."""
+    lines = ["| recipe | stages | train s | judged | cells |", "|---|---|---|---|---|"]
     for r in results:
-        cells = [f"{v['shape+colour']:.3f} / {v['stripes']:.2f} / {v['outline']:.2f}" for v in r["scores"].values()]
-        lines.append(f"| {r['recipe']} | {r['stage']} | {r['train_seconds']} | " + " | ".join(cells) + " |")
+        for key, v in r["scores"].items():
+            if key == "round trip":
+                cell = " / ".join(f"{k} {v[k]:.2f}" for k in ("filled", "striped", "outlined", "outlined cross"))
+            else:
+                cell = f"{v['shape+colour']:.3f} / {v['stripes']:.2f} / {v['outline']:.2f}"
+            lines.append(f"| {r['recipe']} | {','.join(r['stages'])} | {r['train_seconds']} | {key} | {cell} |")
     return "\n".join(lines)
 
 

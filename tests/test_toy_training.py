@@ -51,6 +51,19 @@ def test_adapter_loss_can_leave_out_the_top_timesteps():
     assert seen[0].max() < 600 and seen[1].max() >= 600
 
 
+def test_style_weights_draw_each_style_in_its_share():
+    import numpy as np
+
+    from edgesd.exporter.toy.data import scene_pool, style_weights
+
+    scenes, _ = scene_pool(400, 0)  # a quarter outlined
+    weights = style_weights(scenes, (0.25, 0.25, 0.5))
+    outlined = np.array([s.style == "outlined" for s in scenes])
+    assert weights.sum() == pytest.approx(1) and (weights > 0).all()
+    assert weights[outlined].sum() == pytest.approx(0.5)
+    assert np.ptp(weights[outlined]) == 0  # uniform within a style
+
+
 def test_stages_are_checked_and_run_in_order():
     from edgesd.errors import InvalidArgumentError
     from edgesd.exporter.toy.train import parse_stages

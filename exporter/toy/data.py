@@ -20,6 +20,15 @@ def scene_pool(n: int, seed: int) -> tuple:
     return scenes, np.stack([render(s) for s in scenes])
 
 
+def style_weights(scenes, shares) -> np.ndarray:
+    """Per-scene sampling weights (summing to 1) under which the styles of STYLES are drawn in
+    the proportions `shares`: a stage can see more of a style than the pool holds."""
+    styles = np.array([STYLES.index(s.style) for s in scenes])
+    counts = np.bincount(styles, minlength=len(STYLES))
+    weights = np.asarray(shares, np.float64)[styles] / np.maximum(counts[styles], 1)
+    return weights / weights.sum()
+
+
 def to_tensor(images: np.ndarray):
     """uint8 NHWC -> float NCHW in [-1, 1]."""
     import torch

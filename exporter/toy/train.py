@@ -10,8 +10,10 @@ LoRA that adds stripes; an A1111 hypernetwork that outlines. Writes the LDM sing
 (fp16), the LoRA, the hypernetwork and `training.json` (steps, losses, wall times) into the
 output folder, and the measured latent scaling factor into the config's VAE. Every stage
 after the VAE trains on the checkpoint as written (fp16), from its own seeded stream, and
-reads only what no later stage changes (the UNet reads the encoder, the decoder stage the
-images), so a partial run such as `--stages unet,lora` gives a full run's files.
+reads only what no later stage changes (the UNet and the adapters read the encoder's latents,
+the decoder stage the images), so a partial run such as `--stages unet,lora` gives a full
+run's files. The decoder stage alone continues from the checkpoint's decoder: a full run's
+decoder comes from `--stages vae,decoder`, not from `--stages decoder` on a finished checkpoint.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class Plan:
     decoder_steps: int = 1500
     decoder_batch: int = 8
     decoder_lr: float = 5e-4
+    decoder_style_shares: tuple | None = None  # (filled, striped, outlined) drawn in these shares; None: the pool's
     lora_steps: int = 900
     lora_rank: int = 8
     lora_lr: float = 1e-2
@@ -105,7 +108,7 @@ def seed_initialisation(seed: int, stage: str) -> None:
     torch.manual_seed(stage_seed(seed, stage))
 
 
-def train_vae_stage(out: Path, config: Path, plan: Plan, seed: int, scenes, images, log) -> dict:
+def train_vae_stage(out: Path, config: Path, plan: Plan, seed: int, scenes, images, log, device="cpu") -> dict:
     """The VAE and its measured latent scaling factor (written into the config); saves the
     checkpoint with the UNet and text encoder as initialised. Returns {"loss", "scaling_factor"}."""
     from edgesd.exporter.toy.vae import encode_means, train_vae
@@ -114,8 +117,9 @@ def train_vae_stage(out: Path, config: Path, plan: Plan, seed: int, scenes, imag
     configs = load_configs(config)
     seed_initialisation(seed, "vae")
     vae, unet, text = build(configs)
-    loss = train_vae(vae, images, steps=plan.vae_steps, batch=plan.vae_batch, lr=2e-3,
+    loss = train_vae(vae.to(device), images, steps=plan.vae_steps, batch=plan.vae_batch, lr=2e-3,
                      generator=stage_generator(seed, "vae"), log=log)
+    vae = vae.cpu()
     scale = round(float(1 / encode_means(vae, images).std()), 5)
     vae_config_path = config / "vae" / "config.json"
     vae_config = json.loads(vae_config_path.read_text())
@@ -147,16 +151,19 @@ def train_unet_stage(out: Path, config: Path, plan: Plan, seed: int, scenes, ima
     return loss
 
 
-def train_decoder_stage(out: Path, config: Path, plan: Plan, seed: int, scenes, images, log) -> float:
+def train_decoder_stage(out: Path, config: Path, plan: Plan, seed: int, scenes, images, log, device="cpu") -> float:
     """Fine-tunes the checkpoint's decoder and rewrites the checkpoint; returns the final loss."""
     from edgesd.exporter.load import load_model
+    from edgesd.exporter.toy.data import style_weights
     from edgesd.exporter.toy.vae import train_decoder
 
     model = load_model(out / ARTEFACTS["checkpoint"], config=config)
     unet, vae, text = (m.float() for m in (model.unet, model.vae, model.text_encoder))
-    loss = train_decoder(vae, images, steps=plan.decoder_steps, batch=plan.decoder_batch, lr=plan.decoder_lr,
-                         generator=stage_generator(seed, "decoder"), log=log)
-    save_checkpoint(model.configs, unet, vae, text, out / ARTEFACTS["checkpoint"], seed)
+    loss = train_decoder(vae.to(device), images, steps=plan.decoder_steps, batch=plan.decoder_batch,
+                         lr=plan.decoder_lr, generator=stage_generator(seed, "decoder"), log=log,
+                         weights=None if plan.decoder_style_shares is None else
+                         style_weights(scenes, plan.decoder_style_shares))
+    save_checkpoint(model.configs, unet, vae.cpu(), text, out / ARTEFACTS["checkpoint"], seed)
     return loss
 
 
@@ -205,11 +212,10 @@ def train_hypernetwork_stage(out: Path, config: Path, plan: Plan, seed: int, sce
 
 
 def run_stage(stage: str, out: Path, config: Path, plan: Plan, seed: int, scenes, images, log, device="cpu"):
-    """One stage on the files in `out`; the VAE and decoder stages run on the CPU only."""
+    """One stage on the files in `out`, trained on the torch `device`."""
     runs = {"vae": train_vae_stage, "unet": train_unet_stage, "decoder": train_decoder_stage,
             "lora": train_lora_stage, "hypernetwork": train_hypernetwork_stage}
-    extra = {} if stage in ("vae", "decoder") else {"device": device}
-    return runs[stage](out, config, plan, seed, scenes, images, log, **extra)
+    return runs[stage](out, config, plan, seed, scenes, images, log, device=device)
 
 
 def train(out: Path, config: Path, plan: Plan, seed: int, stages=STAGES, log=print) -> dict:

@@ -25,16 +25,19 @@ def reconstruction_loss(recon, x):
 def train_vae(vae, images, *, steps: int, batch: int, lr: float, generator, log) -> float:
     """`reconstruction_loss` from the posterior mean plus a small KL term (no adversary),
     on random 32x32 crops of the 64x64 images. The mean, not a sample: the UNet is trained
-    on means, and a fresh encoder's unit posterior noise would drown its small latents."""
+    on means, and a fresh encoder's unit posterior noise would drown its small latents.
+    Trains on the device `vae` is on; the draws come from the CPU `generator` whatever it is."""
     import torch
 
     from edgesd.exporter.toy.data import to_tensor
     from edgesd.exporter.toy.loop import optimise
 
+    device = next(vae.parameters()).device
+
     def loss(step):
         idx = torch.randint(0, len(images), (batch,), generator=generator).numpy()
         oy, ox = (torch.randint(0, (images.shape[1] - CROP) // 8 + 1, (2,), generator=generator) * 8).tolist()
-        x = to_tensor(images[idx, oy:oy + CROP, ox:ox + CROP])
+        x = to_tensor(images[idx, oy:oy + CROP, ox:ox + CROP]).to(device)
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.mean).sample
         return reconstruction_loss(recon, x) + KL_WEIGHT * posterior.kl().mean()
@@ -45,18 +48,25 @@ def train_vae(vae, images, *, steps: int, batch: int, lr: float, generator, log)
     return result
 
 
-def train_decoder(vae, images, *, steps: int, batch: int, lr: float, generator, log) -> float:
+def train_decoder(vae, images, *, steps: int, batch: int, lr: float, generator, log, weights=None) -> float:
     """`reconstruction_loss` of the decoder alone on whole 64x64 images, the encoder frozen.
     Whole images: the one-group normalisations see statistics that 32x32 crops do not have,
     and the crop-trained decoder drew no stripes on gray for whole pairs of colour and
-    background. Frozen encoder: the latents, so the UNet and the adapters, stay valid."""
+    background. Frozen encoder: the latents, so the UNet and the adapters, stay valid.
+    `weights`: per-image sampling weights (default uniform). Trains on the device `vae` is on."""
     import torch
 
     from edgesd.exporter.toy.data import to_tensor
     from edgesd.exporter.toy.loop import optimise
 
+    device = next(vae.parameters()).device
+
     def loss(step):
-        x = to_tensor(images[torch.randint(0, len(images), (batch,), generator=generator).numpy()])
+        if weights is None:
+            idx = torch.randint(0, len(images), (batch,), generator=generator)
+        else:
+            idx = torch.multinomial(torch.as_tensor(weights), batch, replacement=True, generator=generator)
+        x = to_tensor(images[idx.numpy()]).to(device)
         with torch.no_grad():
             latents = vae.encode(x).latent_dist.mean
         return reconstruction_loss(vae.decode(latents).sample, x)
