@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from deepcache_quality import psnr
+from edgesd.exporter.toy.taesd import WIDTH
 from edgesd.runtime.cli import cache_dir
 from edgesd.runtime.toy_eval import CFG, GRID_SEED, grid_prompts, scores
 
@@ -33,7 +34,7 @@ MODES = {"exact fp32": ("fp32", 1, False), "DeepCache": ("fp32", INTERVAL, False
          "int8 + DeepCache + TAESD": ("int8", INTERVAL, True)}
 
 
-def toy_taesd(root: Path, steps: int) -> Path:
+def toy_taesd(root: Path, steps: int, width: int) -> Path:
     """The toy model's distilled TAESD decoder (trained once, then read from root/taesd)."""
     from edgesd.exporter.toy.taesd import distil_taesd
     from edgesd.exporter.toy.data import scene_pool
@@ -51,7 +52,7 @@ def toy_taesd(root: Path, steps: int) -> Path:
     scaling = load_configs(config_dir())["vae"]["scaling_factor"]
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root) as tmp:  # a finished folder or none
-        distil_taesd(committed_vae(), scaling, images, Path(tmp) / "taesd", steps=steps,
+        distil_taesd(committed_vae(), scaling, images, Path(tmp) / "taesd", steps=steps, width=width,
                      log=lambda m: print(m, flush=True))
         (Path(tmp) / "taesd").rename(folder)
     return folder
@@ -84,13 +85,12 @@ def measure(root: Path, taesd: Path, samplers, steps: int) -> list:
             exact.setdefault(sampler, images)
             score = scores(np.round(images * 255).astype(np.uint8), truths)
             rows.append({"mode": mode, "sampler": sampler, "shape+colour": score["shape+colour"],
-                         "background": score["background"], "psnr": psnr(images, exact[sampler]),
-                         "seconds": sum(result.timings.values())})
+                         "background": score["background"], "psnr": psnr(images, exact[sampler])})
             print(f"{mode:26s} {sampler:9s} {rows[-1]['shape+colour']:.3f}  {rows[-1]['psnr']:.1f} dB", flush=True)
     return rows
 
 
-def markdown(rows: list, steps: int) -> str:
+def markdown(rows: list, steps: int, width: int, taesd_steps: int) -> str:
     lines = [f"Toy model, {len(grid_prompts()[0])} prompts in one batch, seeds {GRID_SEED}.., {steps} steps, "
              f"CFG {CFG:g}, CPU provider ({time.strftime('%Y-%m-%d')}, `python benchmarks/fast_mode_quality.py`):",
              "", "| mode | sampler | shape+colour | background | PSNR vs exact fp32 |", "|---|---|---|---|---|"]
@@ -98,7 +98,8 @@ def markdown(rows: list, steps: int) -> str:
         quality = "exact" if r["mode"] == "exact fp32" else f"{r['psnr']:.1f} dB"
         lines.append(f"| {r['mode']} | {r['sampler']} | {r['shape+colour']:.3f} | {r['background']:.3f} | {quality} |")
     lines += ["", f"DeepCache: branch 0, the full UNet every {INTERVAL} calls. TAESD: a decoder of TAESD's "
-              "architecture (width 16) distilled from the toy VAE's decoder by exporter/toy/taesd.py. "
+              f"architecture (width {width}, {taesd_steps} steps of 8) distilled from the toy VAE's decoder by "
+              "exporter/toy/taesd.py. "
               "shape+colour: the fraction of images whose shape and colour the toy evaluator reads as the prompt's; "
               "PSNR: against the exact fp32 image of the same prompt, seed and sampler."]
     return "\n".join(lines) + "\n"
@@ -109,11 +110,12 @@ def main(argv=None):
     ap.add_argument("--samplers", nargs="*", default=["Euler a", "DPM++ 2M"])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--taesd-steps", type=int, default=3000, help="distillation steps of the toy TAESD")
+    ap.add_argument("--taesd-width", type=int, default=WIDTH, help="channels of the toy TAESD (TAESD's own: 64)")
     ap.add_argument("--write", action="store_true", help="also write docs/fast-mode-quality.md")
     args = ap.parse_args(argv)
-    root = cache_dir() / "demo" / "fast-modes"
-    taesd = toy_taesd(root, args.taesd_steps)
-    text = markdown(measure(root, taesd, args.samplers, args.steps), args.steps)
+    root = cache_dir() / "demo" / f"fast-modes-taesd{args.taesd_width}x{args.taesd_steps}"
+    taesd = toy_taesd(root, args.taesd_steps, args.taesd_width)
+    text = markdown(measure(root, taesd, args.samplers, args.steps), args.steps, args.taesd_width, args.taesd_steps)
     print(text)
     if args.write:
         (DOCS / "fast-mode-quality.md").write_text("# Fast modes on the toy model\n\n" + text)

@@ -132,3 +132,28 @@ def test_a_partial_run_writes_the_full_runs_files(tmp_path):
         assert all(a[k].equal(b[k]) for k in a), name
     before = load_file(tmp_path / "full" / ARTEFACTS["checkpoint"])
     assert any(k.startswith("model.diffusion_model.") for k in before)
+
+
+def test_a_distilled_toy_taesd_is_what_tiny_vae_reads(tmp_path):
+    """exporter/toy/taesd.py writes an AutoencoderTiny folder that `--tiny-vae` accepts for the
+    toy model (4 latent channels, 8x upsampling like its VAE) and that decodes towards the VAE."""
+    import torch
+
+    from edgesd.exporter.tiny_vae import load_tiny_vae
+    from edgesd.exporter.toy.data import scene_pool
+    from edgesd.exporter.toy.folders import config_dir
+    from edgesd.exporter.toy.taesd import distil_taesd
+    from edgesd.exporter.toy.vae import committed_vae
+    from edgesd.models.families import FAMILIES, load_configs
+
+    _, images = scene_pool(8, 0)
+    configs = load_configs(config_dir())
+    losses = []
+    distil_taesd(committed_vae(), configs["vae"]["scaling_factor"], images, tmp_path / "taesd", steps=30, batch=4,
+                 log=losses.append)
+    tiny, config, record = load_tiny_vae(tmp_path / "taesd", FAMILIES["sd1"], configs)
+    assert record["format"] == "diffusers" and record["latent_channels"] == 4
+    out = tiny.decode(torch.zeros(1, 4, 8, 8)).sample
+    assert out.shape == (1, 3, 64, 64)
+    first, last = (float(m.split("loss ")[1].split()[0]) for m in (losses[0], losses[-1]))
+    assert last < first  # it learns

@@ -16,7 +16,7 @@ WIDTH = 16  # TAESD's is 64: the toy's VAE decoder is 8-16-32-32 wide
 
 
 def distil_taesd(vae, scaling_factor: float, images, out: Path, *, steps: int = 3000, batch: int = 8,
-                 lr: float = 1e-3, seed: int = 0, log=print) -> float:
+                 lr: float = 1e-3, width: int = WIDTH, seed: int = 0, log=print) -> float:
     """Train an AutoencoderTiny decoder on `images`' VAE latents (scaled, as the UNet draws them)
     towards the VAE decoder's images of the same latents; save it into the folder `out`.
     Returns the final loss."""
@@ -27,7 +27,7 @@ def distil_taesd(vae, scaling_factor: float, images, out: Path, *, steps: int = 
     from edgesd.exporter.toy.vae import encode_means, reconstruction_loss
 
     torch.manual_seed(seed)
-    tiny = AutoencoderTiny(decoder_block_out_channels=(WIDTH,) * 4, encoder_block_out_channels=(WIDTH,) * 4)
+    tiny = AutoencoderTiny(decoder_block_out_channels=(width,) * 4, encoder_block_out_channels=(width,) * 4)
     means = encode_means(vae, images)
     with torch.no_grad():
         targets = torch.cat([vae.decode(m).sample.clamp(-1, 1) for m in means.split(256)])
