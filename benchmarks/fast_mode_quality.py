@@ -1,15 +1,16 @@
 """The fast modes' quality cost on the trained toy model: shape-and-colour accuracy (the toy
 evaluator's reading) and PSNR against the exact fp32 image, per mode and sampler.
 
-    python benchmarks/fast_mode_quality.py            # prints a markdown table
-    python benchmarks/fast_mode_quality.py --write    # also docs/fast-mode-quality.md
+    python benchmarks/fast_mode_quality.py                    # prints a markdown table
+    python benchmarks/fast_mode_quality.py --taesd-width 32   # the run in docs/fast-mode-quality.md
 
 Modes: int8 weights (`--quantize int8`, `int8-conv`), DeepCache (interval 3, branch 0), a TAESD
 decoder (`--tiny-vae`), and all three together (the fast mode of docs/benchmarks.md). The toy
 model has no published TAESD, so one of TAESD's architecture is distilled from the toy VAE's
-decoder first (exporter/toy/taesd.py, about 10 min on one core; cached). All prompt combinations
-in one batch, fixed seeds, CFG 5, 20 steps, as benchmarks/sampler_quality.py. Exports and the
-TAESD go into the demo cache (EDGESD_CACHE, else ~/.cache/edgesd) under fast-modes/.
+decoder first (exporter/toy/taesd.py; width 16: about 6 min on one core, width 32: 16 min).
+All prompt combinations in one batch, fixed seeds, CFG 5, 20 steps, as
+benchmarks/sampler_quality.py. The TAESD and the exports are cached in the demo cache
+(EDGESD_CACHE, else ~/.cache/edgesd) under fast-modes-taesd<width>x<steps>/.
 """
 
 import argparse
@@ -24,7 +25,6 @@ from edgesd.exporter.toy.taesd import WIDTH
 from edgesd.runtime.cli import cache_dir
 from edgesd.runtime.toy_eval import CFG, GRID_SEED, grid_prompts, scores
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
 INTERVAL = 3
 # export name -> export options; each export serves the modes that name it below
 EXPORTS = {"fp32": {}, "int8": {"quantize": "int8"}, "int8-conv": {"quantize": "int8-conv"}}
@@ -111,14 +111,11 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--taesd-steps", type=int, default=3000, help="distillation steps of the toy TAESD")
     ap.add_argument("--taesd-width", type=int, default=WIDTH, help="channels of the toy TAESD (TAESD's own: 64)")
-    ap.add_argument("--write", action="store_true", help="also write docs/fast-mode-quality.md")
     args = ap.parse_args(argv)
     root = cache_dir() / "demo" / f"fast-modes-taesd{args.taesd_width}x{args.taesd_steps}"
     taesd = toy_taesd(root, args.taesd_steps, args.taesd_width)
     text = markdown(measure(root, taesd, args.samplers, args.steps), args.steps, args.taesd_width, args.taesd_steps)
     print(text)
-    if args.write:
-        (DOCS / "fast-mode-quality.md").write_text("# Fast modes on the toy model\n\n" + text)
 
 
 if __name__ == "__main__":
