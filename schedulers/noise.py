@@ -9,6 +9,7 @@ the caller draws that from `numpy.random.default_rng(seed)`.
 
 import inspect
 import math
+import sys
 from collections import OrderedDict
 
 import numpy as np
@@ -79,8 +80,9 @@ class BrownianTree:
         self.geometric = self.t0 > 0
         self.tol = tol if self.geometric else tol * max(self.t1 - self.t0, 1e-300)
         nbytes = max(int(np.prod(self.shape)) * np.dtype(dtype).itemsize, 1)
-        self.cache_size = max(16, min(256, max_cache_bytes // nbytes))
+        self.cache_size = max(16, min(32, max_cache_bytes // nbytes))
         self.cache = OrderedDict()
+        self.spare = []  # float32 arrays evicted from the caches, for new draws to reuse
         self.leaves = OrderedDict()  # leaf node -> {t: W(t)} for the points drawn inside it
         self.points = OrderedDict()  # the last few query results: a step's end is the next one's start
         self.start = np.random.PCG64(np.random.SeedSequence([self.entropy, _TREE_STREAM])).state
@@ -93,7 +95,17 @@ class BrownianTree:
         cheaper than seeding a generator per node."""
         self.bits.state = self.start
         self.bits.advance((kind << 106) | ((index & (2**64 - 1)) << 40))
-        return fill_standard_normal(self.bits, np.empty(self.shape, np.float32)).astype(self.dtype, copy=False)
+        return fill_standard_normal(self.bits, self._buffer()).astype(self.dtype, copy=False)
+
+    def _buffer(self):
+        """A float32 array to draw into: one the cache evicted, if nothing else holds it any more.
+        Fresh memory costs its first-touch page faults, which at 4x128x128 take longer than the
+        draw itself; reusing evicted arrays keeps a run to the cache's few."""
+        while self.spare:
+            w = self.spare.pop()
+            if sys.getrefcount(w) == 2:  # `w` and getrefcount's argument: no caller keeps it
+                return w
+        return np.empty(self.shape, np.float32)
 
     @staticmethod
     def _bridge(a, t, b, wa, wb, z):
@@ -116,8 +128,17 @@ class BrownianTree:
         store[key] = value
         store.move_to_end(key)
         if len(store) > size:
-            store.popitem(last=False)
+            evicted = store.popitem(last=False)[1]
+            if store is self.cache:
+                self._retire(evicted)
+            elif store is self.leaves:
+                for w in evicted.values():
+                    self._retire(w)
         return value
+
+    def _retire(self, w):
+        if w.dtype == np.float32:
+            self.spare.append(w)
 
     def _midpoint(self, node, a, m, b, wa, wb):
         w = self.cache.get(node)
@@ -141,7 +162,7 @@ class BrownianTree:
                 b, wb = s, w
         w = self._bridge(a, t, b, wa, wb, self._normal(2, int(np.float64(t).view(np.uint64))))
         if len(drawn) >= 64:  # queries move along: forget the oldest
-            del drawn[next(iter(drawn))]
+            self._retire(drawn.pop(next(iter(drawn))))
         drawn[t] = w
         return w
 

@@ -409,6 +409,40 @@ def test_brownian_tree_points_closer_than_its_resolution_form_one_path():
     np.testing.assert_array_equal(tree(1.004), values[1.004])  # asked again: the same
 
 
+def test_brownian_tree_reuses_evicted_arrays_only_when_nobody_holds_them(monkeypatch):
+    """Evicted arrays are recycled for new draws (fresh memory's page faults cost more than a
+    draw), never one a caller still holds, and the values are those of a tree that recycles none."""
+    from edgesd.schedulers import noise
+
+    class CountingNumpy:  # numpy, counting the node arrays allocated afresh
+        empties = 0
+
+        def __getattr__(self, name):
+            return getattr(np, name)
+
+        def empty(self, *args, **kwargs):
+            CountingNumpy.empties += 1
+            return np.empty(*args, **kwargs)
+
+    monkeypatch.setattr(noise, "np", CountingNumpy())
+    tree = S.BrownianTree((4, 8, 8), 0.03, 14.6, seed=9)
+    draws = []
+    normal = tree._normal
+    monkeypatch.setattr(tree, "_normal", lambda kind, index: draws.append(kind) or normal(kind, index))
+    held = tree(7.0)
+    kept = held.copy()
+    queries = np.geomspace(14.0, 0.031, 400)
+    first = [tree(t).copy() for t in queries]
+    assert CountingNumpy.empties < len(draws) / 2  # most draws went into recycled arrays
+    np.testing.assert_array_equal(held, kept)  # but not into the one the caller holds
+    monkeypatch.undo()
+    unrecycled = S.BrownianTree((4, 8, 8), 0.03, 14.6, seed=9)
+    unrecycled._retire = lambda w: None
+    unrecycled(7.0)
+    for t, w in zip(queries, first):  # the same queries in the same order: the same values
+        np.testing.assert_array_equal(unrecycled(t), w)
+
+
 def test_brownian_noise_does_not_depend_on_step_count():
     x = np.zeros((2, 3, 8, 8), np.float32)
     coarse = S.brownian_noise(x, 0.03, 14.6, seed=[1, 2])
