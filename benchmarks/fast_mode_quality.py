@@ -36,11 +36,12 @@ MODES = {"exact fp32": ("fp32", 1, False), "DeepCache": ("fp32", INTERVAL, False
 
 def toy_taesd(root: Path, steps: int, width: int) -> Path:
     """The toy model's distilled TAESD decoder (trained once, then read from root/taesd)."""
-    from edgesd.exporter.toy.taesd import distil_taesd
     from edgesd.exporter.toy.data import scene_pool
+    from edgesd.exporter.toy.folders import config_dir
+    from edgesd.exporter.toy.taesd import distil_taesd
+    from edgesd.exporter.toy.train import Plan
     from edgesd.exporter.toy.vae import committed_vae
     from edgesd.models.families import load_configs
-    from edgesd.exporter.toy.folders import config_dir
 
     folder = root / "taesd"
     if folder.is_dir():
@@ -48,7 +49,7 @@ def toy_taesd(root: Path, steps: int, width: int) -> Path:
     import torch
 
     torch.set_num_threads(1)
-    _, images = scene_pool(12000, 0)
+    _, images = scene_pool(Plan().pool, 0)  # the toy model's own training scenes
     scaling = load_configs(config_dir())["vae"]["scaling_factor"]
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root) as tmp:  # a finished folder or none

@@ -161,15 +161,16 @@ def round_trip_scores(checkpoint: Path, config: Path, n: int = 300) -> dict:
     the fraction read back as the scene's style, and for outlines per shape."""
     import numpy as np
 
+    from toy_evaluator import scenes_of
+
     from edgesd.exporter.load import load_model
     from edgesd.exporter.toy.vae import round_trip
-    from edgesd.models.toy import STYLES, evaluate, random_scene, render
+    from edgesd.models.toy import STYLES, evaluate, render
 
     vae = load_model(checkpoint, config=config).vae.float().eval()
     result = {}
     for style in STYLES:
-        rng = np.random.default_rng(7)
-        scenes = [random_scene(rng, style) for _ in range(n)]
+        scenes = scenes_of(style, n, 7)
         verdicts = [evaluate(im) for im in round_trip(vae, np.stack([render(s) for s in scenes]))]
         kept = [v.style() == style for v in verdicts]
         result[style] = float(np.mean(kept))

@@ -124,27 +124,31 @@ class BrownianTree:
     def _narrow(self, a, b):
         return b < a * (1 + self.tol) if self.geometric else b - a < self.tol
 
-    def _remember(self, store, key, value, size):
+    @staticmethod
+    def _remember(store, key, value, size, evict=None):
+        """Put `value` in the LRU `store`; the oldest entry beyond `size` goes to `evict`."""
         store[key] = value
         store.move_to_end(key)
         if len(store) > size:
             evicted = store.popitem(last=False)[1]
-            if store is self.cache:
-                self._retire(evicted)
-            elif store is self.leaves:
-                for w in evicted.values():
-                    self._retire(w)
+            if evict is not None:
+                evict(evicted)
         return value
 
     def _retire(self, w):
+        """Offer an array no cache keeps any more to later draws (see `_buffer`)."""
         if w.dtype == np.float32:
             self.spare.append(w)
+
+    def _retire_leaf(self, drawn):
+        for w in drawn.values():
+            self._retire(w)
 
     def _midpoint(self, node, a, m, b, wa, wb):
         w = self.cache.get(node)
         if w is None:
             return self._remember(self.cache, node, self._bridge(a, m, b, wa, wb, self._normal(1, node)),
-                                  self.cache_size)
+                                  self.cache_size, self._retire)
         self.cache.move_to_end(node)
         return w
 
@@ -152,7 +156,7 @@ class BrownianTree:
         """W(t) in the leaf [a, b], bridged between its nearest points drawn so far."""
         drawn = self.leaves.get(node)
         if drawn is None:
-            drawn = self._remember(self.leaves, node, {}, 8)
+            drawn = self._remember(self.leaves, node, {}, 8, self._retire_leaf)
         if t in drawn:
             return drawn[t]
         for s, w in drawn.items():
