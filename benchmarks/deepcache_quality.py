@@ -5,7 +5,8 @@ reading) and PSNR against the exact image, for each cache interval, with the UNe
     python benchmarks/deepcache_quality.py --intervals 1 2 3 --samplers "Euler a" --write
 
 All prompt combinations in one batch, fixed seeds, CFG 5, as benchmarks/sampler_quality.py. The
-toy model is exported with `--deepcache BRANCH` into the demo cache (EDGESD_CACHE, else ~/.cache/edgesd).
+toy model is exported with `--deepcache BRANCH` into the demo cache (EDGESD_CACHE, else ~/.cache/edgesd),
+under a name that holds the checkpoint's sha256, so a retrained model is exported afresh.
 """
 
 import argparse
@@ -23,10 +24,10 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 def export_toy(branch: int) -> Path:
     """The toy model exported with DeepCache's graphs cut at `branch` (re-exported when missing)."""
     from edgesd.exporter.export import export
-    from edgesd.exporter.toy.folders import config_dir
+    from edgesd.exporter.toy.folders import checkpoint_tag, config_dir
     from edgesd.models.toy.artefacts import artefact_path
 
-    folder = cache_dir() / "demo" / f"deepcache-{branch}"
+    folder = cache_dir() / "demo" / f"deepcache-{checkpoint_tag()}-{branch}"
     if not folder.is_dir():
         export(artefact_path("checkpoint"), folder, config=config_dir(), progress=True, deepcache=branch)
     return folder

@@ -10,7 +10,7 @@ model has no published TAESD, so one of TAESD's architecture is distilled from t
 decoder first (exporter/toy/taesd.py; width 16: about 6 min on one core, width 32: 16 min).
 All prompt combinations in one batch, fixed seeds, CFG 5, 20 steps, as
 benchmarks/sampler_quality.py. The TAESD and the exports are cached in the demo cache
-(EDGESD_CACHE, else ~/.cache/edgesd) under fast-modes-taesd<width>x<steps>/.
+(EDGESD_CACHE, else ~/.cache/edgesd) under fast-modes-<checkpoint sha256>-taesd<width>x<steps>/.
 """
 
 import argparse
@@ -113,7 +113,9 @@ def main(argv=None):
     ap.add_argument("--taesd-steps", type=int, default=3000, help="distillation steps of the toy TAESD")
     ap.add_argument("--taesd-width", type=int, default=WIDTH, help="channels of the toy TAESD (TAESD's own: 64)")
     args = ap.parse_args(argv)
-    root = cache_dir() / "demo" / f"fast-modes-taesd{args.taesd_width}x{args.taesd_steps}"
+    from edgesd.exporter.toy.folders import checkpoint_tag
+
+    root = cache_dir() / "demo" / f"fast-modes-{checkpoint_tag()}-taesd{args.taesd_width}x{args.taesd_steps}"
     taesd = toy_taesd(root, args.taesd_steps, args.taesd_width)
     text = markdown(measure(root, taesd, args.samplers, args.steps), args.steps, args.taesd_width, args.taesd_steps)
     print(text)

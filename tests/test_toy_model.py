@@ -110,3 +110,20 @@ def test_demo_writes_a_contact_sheet_from_the_cache(toy_folders, tmp_path, monke
     sheet = Image.open(tmp_path / "a.png")
     assert sheet.size == (len(DEMO_PROMPTS) * (64 * 4 + 2) + 2, len(DEMO_VARIANTS) * (64 * 4 + 2) + 2)
     assert "Seed: 1" in sheet.info["parameters"]
+
+
+def test_a_cached_variant_is_stale_when_its_adapters_differ(toy_folders, tmp_path):
+    """The demo cache re-exports a variant whose LoRA or hypernetwork file changed, not only
+    when the checkpoint did."""
+    import shutil
+
+    from edgesd.exporter.toy.folders import is_current
+    from edgesd.models.manifest import MANIFEST_FILE
+
+    lora = shutil.copytree(toy_folders("lora"), tmp_path / "lora")
+    assert is_current(lora)
+    manifest = json.loads((lora / MANIFEST_FILE).read_text())
+    manifest["adapters"][0]["sha256"] = "0" * 64
+    (lora / MANIFEST_FILE).write_text(json.dumps(manifest))
+    assert not is_current(lora)
+    assert not is_current(shutil.copytree(toy_folders("lora"), tmp_path / "other" / "base"))  # base wants none

@@ -21,12 +21,23 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def checkpoint_tag() -> str:
+    """The committed checkpoint's sha256, first 12 hex digits: names caches that must not
+    outlive the model they were made from (a retrained model gets fresh ones)."""
+    return _sha256(artefact_path("checkpoint"))[:12]
+
+
 def is_current(folder: Path) -> bool:
-    """The folder holds an export of the committed checkpoint (same sha256)."""
+    """The folder holds an export of the committed checkpoint with its variant's committed
+    adapters (same sha256s; the variant is the folder's name)."""
     from edgesd.models.manifest import read_manifest
 
     manifest = read_manifest(folder) if folder.is_dir() else None
-    return bool(manifest) and manifest.get("source", {}).get("sha256") == _sha256(artefact_path("checkpoint"))
+    if not manifest or manifest.get("source", {}).get("sha256") != _sha256(artefact_path("checkpoint")):
+        return False
+    spec = VARIANTS.get(folder.name, {})
+    wanted = [_sha256(artefact_path(a)) for a in (*spec.get("loras", ()), *spec.get("hypernetworks", ()))]
+    return [a.get("sha256") for a in manifest.get("adapters", [])] == wanted
 
 
 def export_variant(root: Path, name: str, *, progress: bool = False) -> Path:
