@@ -23,6 +23,20 @@ def test_evaluator_agrees_with_the_renderer(style):
     assert np.mean([v.style() == style for v in verdicts]) >= 0.98
 
 
+def test_evaluator_reads_the_hypernetworks_wider_outlines():
+    """The hypernetwork is trained on 4-px contours (exporter/toy/train.py): they read as outlines too."""
+    from edgesd.exporter.toy.train import Plan
+
+    rng = np.random.default_rng(8)
+    scenes = [random_scene(rng, "outlined") for _ in range(150)]
+    width = Plan().hyper_outline_width
+    thick = [render(s, width) for s in scenes]
+    assert (np.mean(thick[0] != render(scenes[0])) > 0.01) == (width != 3)
+    verdicts = [evaluate(im) for im in thick]
+    assert np.mean([v.style() == "outlined" and (v.shape, v.colour) == (s.shape, s.colour)
+                    for v, s in zip(verdicts, scenes)]) >= 0.98
+
+
 def test_evaluator_reads_float_images_and_blank_ones():
     scene = random_scene(np.random.default_rng(1))
     image = render(scene)

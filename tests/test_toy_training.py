@@ -51,6 +51,31 @@ def test_adapter_loss_can_leave_out_the_top_timesteps():
     assert seen[0].max() < 600 and seen[1].max() >= 600
 
 
+def test_adapter_loss_can_train_on_empty_captions_too():
+    """A hypernetwork also changes classifier-free guidance's unconditional context: with
+    `drop_caption` that share of its training batches sees the empty prompt."""
+    import torch
+
+    from edgesd.exporter.toy.diffusion import adapter_loss
+
+    contexts = []
+
+    def text_encoder(ids):
+        contexts.append(ids)
+        return (torch.zeros(ids.shape[0], ids.shape[1], 4),)
+
+    def unet(noisy, t, encoder_hidden_states):
+        return type("Out", (), {"sample": torch.zeros_like(noisy)})()
+
+    ids, empty = torch.full((64, 5), 7), torch.full((5,), 1)
+    for share in (0.0, 0.25):
+        adapter_loss(unet, text_encoder, torch.zeros(64, 4, 8, 8), ids, batch=2000, generator=torch.Generator().manual_seed(0),
+                     drop_caption=share, empty_ids=empty)(0)
+    kept, dropped = ((c == 7).all(1).float().mean().item() for c in contexts)
+    assert kept == 1.0 and 0.70 < dropped < 0.80
+    assert ((contexts[1] == 7).all(1) | (contexts[1] == 1).all(1)).all()
+
+
 def test_style_weights_draw_each_style_in_its_share():
     import numpy as np
 

@@ -10,10 +10,11 @@ DROP_CAPTION = 0.1
 MIN_SNR = 5.0
 
 
-def caption_batch(ids, empty_ids, generator):
+def caption_batch(ids, empty_ids, generator, share: float | None = None):
+    """`ids` with rows replaced by the empty prompt's at random, `share` of them (default DROP_CAPTION)."""
     import torch
 
-    drop = torch.rand(ids.shape[0], generator=generator) < DROP_CAPTION
+    drop = torch.rand(ids.shape[0], generator=generator) < (DROP_CAPTION if share is None else share)
     return torch.where(drop[:, None].to(ids.device), empty_ids[None, :].to(ids.device), ids)
 
 
@@ -44,9 +45,12 @@ def train_diffusion(unet, text_encoder, latents, ids, empty_ids, *, steps: int, 
 
 
 def adapter_loss(unet, text_encoder, latents, ids, *, batch: int, generator, max_timestep: int | None = None,
-                 train_text: bool = False):
+                 train_text: bool = False, drop_caption: float = 0.0, empty_ids=None):
     """The same epsilon loss for adapter training (frozen base, captions kept); a style is
-    detail the noise drowns at the top timesteps, `max_timestep` leaves those out."""
+    detail the noise drowns at the top timesteps, `max_timestep` leaves those out. With
+    `drop_caption`, that share of the captions becomes the empty prompt (`empty_ids`): an
+    adapter that also acts on the unconditional context (a hypernetwork does) then learns
+    what it should make of it, instead of leaving classifier-free guidance an untrained branch."""
     import torch
 
     from edgesd.exporter.toy.schedule import alphas_cumprod, epsilon_loss
@@ -55,8 +59,9 @@ def adapter_loss(unet, text_encoder, latents, ids, *, batch: int, generator, max
 
     def loss(step):
         idx = torch.randint(0, len(latents), (batch,), generator=generator).to(latents.device)
+        chosen = caption_batch(ids[idx], empty_ids, generator, drop_caption) if drop_caption else ids[idx]
         with torch.set_grad_enabled(train_text):
-            context = text_encoder(ids[idx])[0]
+            context = text_encoder(chosen)[0]
         return epsilon_loss(unet, latents[idx], context, generator, table, max_timestep=max_timestep)
 
     return loss

@@ -1,6 +1,8 @@
 """Stage 4: an A1111 hypernetwork (modules on the cross-attention context, width 32).
 
-Trained on outlined scenes captioned without the word "outline". The modules are built and
+Trained on outlined scenes (contours a pixel wider than the base model's) captioned without
+the word "outline", and on some empty captions: A1111 applies the modules to every context,
+classifier-free guidance's unconditional one included. The modules are built and
 installed by the exporter's own A1111 reader (so training runs exactly the architecture the
 export will bake), then their weights are unfrozen and trained.
 """
@@ -32,7 +34,8 @@ def initial_state(width: int, generator, layer_structure=LAYER_STRUCTURE) -> dic
 
 
 def train_hypernetwork(unet, text_encoder, latents, ids, out, *, steps: int, batch: int, lr: float,
-                       generator, log, max_timestep: int | None = None, layer_structure=LAYER_STRUCTURE) -> None:
+                       generator, log, max_timestep: int | None = None, layer_structure=LAYER_STRUCTURE,
+                       drop_caption: float = 0.0, empty_ids=None) -> None:
     import torch
 
     from edgesd.exporter.adapters.hypernetwork import install
@@ -56,7 +59,7 @@ def train_hypernetwork(unet, text_encoder, latents, ids, out, *, steps: int, bat
     for p in params:
         p.requires_grad_(True)
     optimise(params, adapter_loss(unet, text_encoder, latents, ids, batch=batch, generator=generator,
-                                  max_timestep=max_timestep),
+                                  max_timestep=max_timestep, drop_caption=drop_caption, empty_ids=empty_ids),
              steps=steps, lr=lr, log=log, name="hypernetwork")
     torch.save(a1111_dict(width, _cpu_state(k_module), _cpu_state(v_module), out.stem, steps, layer_structure),
                str(out))

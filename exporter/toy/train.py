@@ -1,6 +1,6 @@
 """Train the toy model and its adapters, and write the committed artefacts.
 
-    python -m edgesd.exporter.toy.train            # full run (about 43 min on one quiet CPU core)
+    python -m edgesd.exporter.toy.train            # full run (about 44 min on one quiet CPU core)
     python -m edgesd.exporter.toy.train --quick -o /tmp/toy --config /tmp/toy-config
     python -m edgesd.exporter.toy.train --stages lora,hypernetwork   # adapters on the committed base
 
@@ -28,6 +28,7 @@ from pathlib import Path
 from edgesd.errors import CheckpointError, InvalidArgumentError
 from edgesd.exporter.toy.hypernetwork import LAYER_STRUCTURE
 from edgesd.models.toy.artefacts import ARTEFACTS
+from edgesd.models.toy.scenes import OUTLINE_WIDTH
 
 HERE = Path(__file__).resolve().parents[2]
 
@@ -57,6 +58,8 @@ class Plan:
     hyper_lr: float = 3e-3
     hyper_max_timestep: int = 600
     hyper_layers: tuple = tuple(LAYER_STRUCTURE)
+    hyper_drop_caption: float = 0.1  # empty captions too: A1111 applies the hypernetwork to CFG's unconditional context
+    hyper_outline_width: int = 4  # its style's contour, a pixel wider than the base model's outlines
     adapter_batch: int = 16
 
 
@@ -167,20 +170,24 @@ def train_decoder_stage(out: Path, config: Path, plan: Plan, seed: int, scenes, 
     return loss
 
 
-def frozen_base(out: Path, config: Path, scenes, images, style: str, device="cpu"):
+def frozen_base(out: Path, config: Path, scenes, images, style: str, device="cpu", outline_width=OUTLINE_WIDTH):
     """(unet, text encoder, scaled latents, plain-caption ids) of the `style` scenes on `device`,
-    from the checkpoint in `out` as saved (fp16 weights, as the export will read them)."""
+    from the checkpoint in `out` as saved (fp16 weights, as the export will read them); outlined
+    scenes rendered again with another contour width if `outline_width` says so."""
     import numpy as np
 
     from edgesd.exporter.load import load_model
     from edgesd.exporter.toy.data import Tokens, captions
     from edgesd.exporter.toy.vae import encode_means
+    from edgesd.models.toy.scenes import render
 
     model = load_model(out / ARTEFACTS["checkpoint"], config=config)
     unet, vae, text = (m.float().eval() for m in (model.unet, model.vae, model.text_encoder))
     text.requires_grad_(False)
     chosen = np.nonzero(np.array([s.style for s in scenes]) == style)[0]
-    latents = encode_means(vae, images[chosen]) * model.configs["vae"]["scaling_factor"]
+    pictures = images[chosen] if outline_width == OUTLINE_WIDTH else np.stack(
+        [render(scenes[i], outline_width) for i in chosen])
+    latents = encode_means(vae, pictures) * model.configs["vae"]["scaling_factor"]
     ids = Tokens()(captions([scenes[i] for i in chosen], with_style=False))
     return unet.to(device), text.to(device), latents.to(device), ids.to(device)
 
@@ -202,13 +209,15 @@ def train_lora_stage(out: Path, config: Path, plan: Plan, seed: int, scenes, ima
 
 def train_hypernetwork_stage(out: Path, config: Path, plan: Plan, seed: int, scenes, images, log,
                              device="cpu") -> None:
+    from edgesd.exporter.toy.data import Tokens
     from edgesd.exporter.toy.hypernetwork import train_hypernetwork
 
-    unet, text, latents, ids = frozen_base(out, config, scenes, images, "outlined", device)
+    unet, text, latents, ids = frozen_base(out, config, scenes, images, "outlined", device, plan.hyper_outline_width)
     seed_initialisation(seed, "hypernetwork")
     train_hypernetwork(unet, text, latents, ids, out / ARTEFACTS["hypernetwork"], steps=plan.hyper_steps,
                        batch=plan.adapter_batch, lr=plan.hyper_lr, generator=stage_generator(seed, "hypernetwork"),
-                       log=log, max_timestep=plan.hyper_max_timestep, layer_structure=plan.hyper_layers)
+                       log=log, max_timestep=plan.hyper_max_timestep, layer_structure=plan.hyper_layers,
+                       drop_caption=plan.hyper_drop_caption, empty_ids=Tokens()([""])[0].to(device))
 
 
 def run_stage(stage: str, out: Path, config: Path, plan: Plan, seed: int, scenes, images, log, device="cpu"):
@@ -244,8 +253,12 @@ def train(out: Path, config: Path, plan: Plan, seed: int, stages=STAGES, log=pri
         times[stage] = time.time() - start
     times = {k: v for k, v in times.items() if k in ("render", *STAGES)}  # records of stages since removed go
     times["total"] = sum(times.values())
+    versions = report.get("torch", {})
+    if isinstance(versions, str):  # written before versions were kept per stage
+        versions = {s: versions for s in STAGES if s in times}
+    versions = {s: torch.__version__ if s in stages else versions[s] for s in STAGES if s in stages or s in versions}
     report.update(seed=seed, plan=asdict(plan), wall_seconds={k: round(v, 1) for k, v in times.items()},
-                  torch=torch.__version__, threads=torch.get_num_threads())
+                  torch=versions, threads=torch.get_num_threads())
     report_path.write_text(json.dumps(report, indent=2) + "\n")
     return report
 

@@ -81,7 +81,7 @@ def shape_mask(shape: str, cx: float, cy: float, size: float, n: int = SIZE, sca
     raise ValueError(f"unknown shape {shape!r}; valid: {', '.join(SHAPES)}")
 
 
-def paint_mask(scene: Scene) -> np.ndarray:
+def paint_mask(scene: Scene, outline_width: int = OUTLINE_WIDTH) -> np.ndarray:
     """Coverage in [0, 1] per pixel of the shape's colour (supersampled edges)."""
     s = SUPERSAMPLE
     mask = shape_mask(scene.shape, scene.cx, scene.cy, scene.size, scale=s)
@@ -89,13 +89,13 @@ def paint_mask(scene: Scene) -> np.ndarray:
         coords = (np.arange(SIZE * s) + 0.5) / s
         mask &= ((coords[None, :] + coords[:, None]) % STRIPE_PERIOD) < STRIPE_PERIOD / 2
     elif scene.style == "outlined":
-        mask &= ~erode(mask, OUTLINE_WIDTH * s)
+        mask &= ~erode(mask, outline_width * s)
     return mask.reshape(SIZE, s, SIZE, s).mean(axis=(1, 3))
 
 
-def render(scene: Scene) -> np.ndarray:
-    """uint8 (64, 64, 3) image of the scene."""
-    cover = paint_mask(scene)[..., None]
+def render(scene: Scene, outline_width: int = OUTLINE_WIDTH) -> np.ndarray:
+    """uint8 (64, 64, 3) image of the scene; an outlined one's contour `outline_width` pixels wide."""
+    cover = paint_mask(scene, outline_width)[..., None]
     fg = np.array(COLOURS[scene.colour], np.float32)
     bg = np.array(BACKGROUNDS[scene.background], np.float32)
     return np.round(cover * fg + (1 - cover) * bg).astype(np.uint8)
