@@ -41,7 +41,7 @@ class Plan:
     pool: int = 12000
     vae_steps: int = 5000
     vae_batch: int = 16
-    unet_steps: int = 4500
+    unet_steps: int = 7000
     unet_batch: int = 32
     unet_lr: float = 2e-3
     unet_ema: float = 0.995
