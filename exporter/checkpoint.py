@@ -27,6 +27,11 @@ def check_file(path: str | Path) -> Path:
 
 def safetensors_shapes(path: Path) -> dict:
     """{key: shape} from a safetensors header, without reading any tensor data."""
+    return {key: tuple(info["shape"]) for key, info in _safetensors_header(path)[0].items()}
+
+
+def _safetensors_header(path: Path) -> tuple[dict, int]:
+    """({key: header entry}, offset of the data), every entry checked against the file's size."""
     try:
         with open(path, "rb") as f:
             head = f.read(8)
@@ -39,9 +44,48 @@ def safetensors_shapes(path: Path) -> dict:
             header = json.loads(f.read(n))
         if not isinstance(header, dict):
             raise ValueError("the header is not a JSON object")
-        return {key: _tensor_shape(key, info, size - 8 - n) for key, info in header.items() if key != "__metadata__"}
+        entries = {key: info for key, info in header.items() if key != "__metadata__"}
+        for key, info in entries.items():
+            _tensor_shape(key, info, size - 8 - n)
+        return entries, 8 + n
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
+
+
+def read_safetensors(path: Path, keys, float_dtype=None) -> dict:
+    """{key: torch.Tensor} for `keys` of a safetensors file, read one tensor at a time.
+
+    Plain reads, not a memory map: a mapped file's pages count towards the process's resident
+    memory until every tensor of the file is gone, so a mapped 2 GB fp16 checkpoint stayed
+    resident beside the fp32 UNet built from it (the export's peak). Floating-point tensors are
+    cast to `float_dtype` as they are read, so only one tensor at a time exists in the file's
+    precision.
+    """
+    import torch
+
+    dtypes = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,
+              "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32, "U32": torch.uint32,
+              "F32": torch.float32, "I64": torch.int64, "U64": torch.uint64, "F64": torch.float64,
+              "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+    entries, data_start = _safetensors_header(path)
+    out = {}
+    with open(path, "rb") as f:
+        for key in keys:
+            info = entries[key]
+            start, end = info["data_offsets"]
+            dtype = dtypes[info["dtype"]]
+            if end == start:
+                tensor = torch.empty(info["shape"], dtype=dtype)
+            else:
+                buffer = bytearray(end - start)
+                f.seek(data_start + start)
+                if f.readinto(buffer) != len(buffer):
+                    raise CheckpointError(f"{path}: tensor {key!r} runs past the end of the file (truncated?)")
+                tensor = torch.frombuffer(buffer, dtype=dtype).reshape(info["shape"])
+            if float_dtype is not None and tensor.is_floating_point() and tensor.dtype != float_dtype:
+                tensor = tensor.to(float_dtype)
+            out[key] = tensor
+    return out
 
 
 # safetensors dtype names -> bytes per element

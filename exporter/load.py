@@ -1,8 +1,9 @@
 """Load a source model (LDM single file or diffusers folder) into torch modules, offline.
 
 Single files go through diffusers' single-file conversion with configs from models/ (or the
-user's --config), so nothing is fetched. The state dict is read once and the weights of
-each component are dropped from it as soon as that component is built.
+user's --config), so nothing is fetched. A safetensors file's tensors are read component by
+component, cast to fp32 as they are read; a pickle's state dict is read once and the weights
+of each component are dropped from it as soon as that component is built.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgesd.errors import CheckpointError, InvalidArgumentError
-from edgesd.exporter.checkpoint import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, check_file, load_state_dict, tensor_shapes
+from edgesd.exporter.checkpoint import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, check_file, read_safetensors, tensor_shapes
 from edgesd.models.detect import detect, normalise_text_keys
 from edgesd.models.families import family_of_configs, load_configs
 from edgesd.models.manifest import sha256_file
@@ -106,13 +107,20 @@ def _load_single_file(path: Path, config, prediction: str | None) -> LoadedModel
     shapes, state = tensor_shapes(path)
     detection = detect(shapes)
     configs, yaml = _config_source(config, detection, prediction)
-    if state is None:
-        state = load_state_dict(path)
+    lazy = state is None  # safetensors: each component's tensors are read when it is built
+    if lazy:
+        state = {key: key for key in shapes}  # name -> key in the file
     state.update({new: state.pop(old) for old, new in normalise_text_keys(list(state)).items()})
     prefixes = detection.family.ldm_prefixes
 
     def take(prefix):
-        return {k: state.pop(k) for k in [k for k in state if k.startswith(prefix)]}
+        part = {k: state.pop(k) for k in [k for k in state if k.startswith(prefix)]}
+        if not lazy:
+            return part
+        import torch
+
+        tensors = read_safetensors(path, part.values(), float_dtype=torch.float32)  # the modules are built fp32
+        return {name: tensors[key] for name, key in part.items()}
 
     def build(cls, component):
         part = take(prefixes[component])
@@ -126,9 +134,11 @@ def _load_single_file(path: Path, config, prediction: str | None) -> LoadedModel
             configs[component] = dict(model.config)
         return model.eval()
 
+    # The text encoders first: building one briefly holds its randomly initialised weights too,
+    # which then adds to less.
+    texts = [_build_text_encoder(take(e.prefix), configs[e.name], path, e) for e in detection.family.text_encoders]
     unet = build(UNet2DConditionModel, "unet")
     vae = build(AutoencoderKL, "vae")
-    texts = [_build_text_encoder(take(e.prefix), configs[e.name], path, e) for e in detection.family.text_encoders]
     return LoadedModel(detection.family, detection.variant, configs, unet, vae, texts[0],
                        source={"file": path.name, "sha256": sha256_file(path), "format": "ldm-single-file"},
                        text_encoder_2=texts[1] if len(texts) > 1 else None)
@@ -172,8 +182,10 @@ def _build_text_encoder(part: dict, config: dict, path: Path, encoder):
     if missing or unexpected:
         what = f"missing {sorted(missing)[:3]}" if missing else f"unexpected {sorted(unexpected)[:3]}"
         raise CheckpointError(f"{path}: text encoder weights do not match its config ({what})")
-    try:
-        model.load_state_dict(weights, strict=False)
+    dtypes = {k: v.dtype for k, v in model.state_dict().items()}
+    weights = {k: v.to(dtypes[k]) for k, v in weights.items()}
+    try:  # assign: the module takes these tensors instead of copying them into its random ones
+        model.load_state_dict(weights, strict=False, assign=True)
     except RuntimeError as e:
         raise CheckpointError(f"{path}: text encoder weights do not fit its config ({_first_line(e)})") from None
     return model.eval()

@@ -281,7 +281,7 @@ def _box_muller16_avx2(u: np.ndarray) -> np.ndarray:
 
 
 def _box_muller16_generic(u: np.ndarray) -> np.ndarray:
-    """``normal_fill_16`` (the non-AVX2 builds: default and AVX512 CPU capability).
+    """``normal_fill_16`` (torch's build without AVX2: ``ATEN_CPU_CAPABILITY=default``, non-x86).
 
     That kernel calls libm's float ``logf``/``cosf``/``sinf``, which are not correctly
     rounded; here they are evaluated in float64 and rounded, so against glibc-backed
@@ -309,11 +309,11 @@ class CpuGenerator:
 
     Tensors under 16 elements come out the same on every torch build. For larger ones
     torch's result depends on the kernel its CPU dispatch picks, so ``kernel`` says which
-    one to imitate: ``"avx2"`` (x86-64 CPUs whose best instruction set is AVX2; verified
-    bit-exact against Linux torch, whose GCC build fuses multiply-adds; a build made by
-    another compiler may fuse differently) or ``"generic"`` (torch's scalar code, which
-    AVX512 CPUs and, going by the source, non-x86 builds run; close but not bit-exact,
-    see `_box_muller16_generic`).
+    one to imitate: ``"avx2"`` (x86-64 CPUs with AVX2, AVX512 ones included: torch's AVX512
+    build compiles the same AVX2 fill; verified bit-exact against Linux torch on both, whose
+    GCC build fuses multiply-adds; a build made by another compiler may fuse differently) or
+    ``"generic"`` (torch's scalar code, which its default build and, going by the source,
+    non-x86 builds run; close but not bit-exact, see `_box_muller16_generic`).
     """
 
     def __init__(self, seed: int, kernel: str = "avx2"):

@@ -41,7 +41,9 @@ def check_infotext(text: str) -> None:
 
 
 def check_safetensors(data: bytes, path: Path) -> None:
-    from edgesd.exporter.checkpoint import load_state_dict, safetensors_shapes
+    import torch
+
+    from edgesd.exporter.checkpoint import load_state_dict, read_safetensors, safetensors_shapes
 
     path.write_bytes(data)
     try:
@@ -50,6 +52,9 @@ def check_safetensors(data: bytes, path: Path) -> None:
     except EdgesdError:
         return
     assert {k: tuple(v.shape) for k, v in state.items()} == shapes
+    read = read_safetensors(path, shapes)  # what the exporter reads: the same tensors, bit for bit
+    assert all(read[k].dtype == v.dtype and torch.equal(read[k].view(torch.uint8), v.view(torch.uint8))
+               for k, v in state.items() if v.numel())
 
 
 def safetensors_bytes(header: dict, data: bytes) -> bytes:

@@ -235,3 +235,58 @@ def test_per_tensor_external_data_is_consolidated_into_one_file(tiny_export, tmp
     a = ort.InferenceSession(str(tiny_export / "unet" / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, feed)
     b = ort.InferenceSession(str(target / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, feed)
     np.testing.assert_array_equal(a[0], b[0])
+
+
+def test_safetensors_are_read_tensor_by_tensor_bit_for_bit(tmp_path):
+    """The exporter reads safetensors with plain reads (no memory map, whose pages stayed
+    resident beside the fp32 model): every dtype comes back as safetensors itself reads it,
+    floating ones cast to float32 on request, only the keys asked for."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from edgesd.errors import CheckpointError
+    from edgesd.exporter.checkpoint import read_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"f16": torch.randn(3, 5, generator=g).half(), "bf16": torch.randn(7, generator=g).bfloat16(),
+               "f32": torch.randn(2, 2, 2, generator=g), "f64": torch.randn(4, generator=g).double(),
+               "i64": torch.arange(-3, 9), "u8": torch.arange(250, 256, dtype=torch.uint8),
+               "bool": torch.tensor([True, False, True]), "empty": torch.zeros(0, 4), "scalar": torch.tensor(2.5)}
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, str(path))
+    theirs = load_file(str(path))
+    ours = read_safetensors(path, tensors)
+    for key, t in theirs.items():
+        assert ours[key].dtype == t.dtype and ours[key].shape == t.shape, key
+        assert torch.equal(ours[key], t), key
+    cast = read_safetensors(path, ["f16", "bf16", "f64", "i64", "bool"], float_dtype=torch.float32)
+    assert set(cast) == {"f16", "bf16", "f64", "i64", "bool"}
+    for key in ("f16", "bf16", "f64"):
+        assert cast[key].dtype == torch.float32 and torch.equal(cast[key], theirs[key].float()), key
+    assert torch.equal(cast["i64"], theirs["i64"]) and cast["bool"].dtype == torch.bool
+    path.write_bytes(path.read_bytes()[:-8])  # truncated: a clear error, not a short tensor
+    with pytest.raises(CheckpointError, match="truncated"):
+        read_safetensors(path, ["scalar"])
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_safetensors_and_ckpt_load_to_the_same_fp32_modules(family, tmp_path):
+    """An fp16 .safetensors (read tensor by tensor, cast as read) and the same weights as a
+    .ckpt (one state dict, cast by diffusers while building) give identical fp32 modules."""
+    import torch
+
+    from edgesd.exporter.load import load_model
+    from edgesd.exporter.synth import write_synthetic_checkpoint
+    from edgesd.models.families import synthetic_config
+
+    _, config = synthetic_config(family, "tiny")
+    loaded = [load_model(write_synthetic_checkpoint(family, "tiny", tmp_path / f"m{suffix}", seed=5, dtype="fp16"),
+                         config) for suffix in (".safetensors", ".ckpt")]
+    names = ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if family == "sdxl" else [])
+    for name in names:
+        a, b = (getattr(m, name).state_dict() for m in loaded)
+        assert a.keys() == b.keys(), name
+        for key in a:
+            assert a[key].dtype == b[key].dtype, (name, key)
+            assert a[key].dtype == torch.float32 or not a[key].is_floating_point(), (name, key)
+            assert torch.equal(a[key], b[key]), (name, key)

@@ -31,17 +31,18 @@ def diffusers_scheduler(reference_pipeline, sampler):
     config = SD1_SCHEDULER  # the model's own, not whatever an earlier test left on the pipeline
     if sampler == "Euler":  # Karras sigmas over the table's whole range, k-diffusion's initial scale
         return EulerDiscreteScheduler.from_config(config, use_karras_sigmas=True, timestep_spacing="linspace")
-    if sampler == "DPM++ 2M":
-        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2,
+    if sampler in ("DPM++ 2M", "DPM++ 2M SDE"):
+        algorithm = "sde-dpmsolver++" if sampler.endswith("SDE") else "dpmsolver++"
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type=algorithm, solver_order=2,
                                                        use_karras_sigmas=True, timestep_spacing="linspace")
     return DDIMScheduler.from_config(config)  # SD1.5's: leading spacing, steps_offset 1, set_alpha_to_one False
 
 
-def reference_images(reference_pipeline, sampler, latents):
+def reference_images(reference_pipeline, sampler, latents, generator=None):
     import torch
 
     reference_pipeline.scheduler = diffusers_scheduler(reference_pipeline, sampler)
-    if sampler == "DPM++ 2M":
+    if sampler.startswith("DPM++ 2M"):
         # diffusers starts this solver from VP noise (x * sqrt(1 + sigma_max^2) in sigma space),
         # k-diffusion from x * sigma_max: rescale so both start from the same point.
         from edgesd.schedulers import sigma_table
@@ -50,7 +51,8 @@ def reference_images(reference_pipeline, sampler, latents):
         latents = latents * np.float32(sigma_max / np.sqrt(1 + sigma_max**2))
     with torch.no_grad():
         out = reference_pipeline(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=CFG,
-                                 height=64, width=64, latents=torch.from_numpy(latents), output_type="np")
+                                 height=64, width=64, latents=torch.from_numpy(latents), output_type="np",
+                                 generator=generator)
     return out.images
 
 
@@ -89,6 +91,31 @@ def test_exported_single_file_matches_diffusers(runtime, reference_pipeline, tin
     other = runtime("a blue square", negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=CFG,
                     latents=latents, sampler=sampler, schedule=schedule, output_type="np").images
     assert np.abs(other - expected).max() > 10 * TOL
+
+
+def test_sde_sampler_matches_diffusers_given_the_same_noise(tiny_export, reference_pipeline, monkeypatch):
+    """DPM++ 2M SDE (Karras) against diffusers' SDE-DPM-Solver++(2M): both draw each step's noise
+    from one torch generator stream (diffusers through the pipeline's generator, edgesd in place
+    of its Brownian tree), so the images must agree; other noise must give another image."""
+    import torch
+
+    from edgesd import Pipeline
+    from edgesd.schedulers import registry
+
+    def run(noise_seed):
+        gen = torch.Generator().manual_seed(noise_seed)
+        monkeypatch.setattr(registry, "brownian_noise", lambda x, *args, **kwargs: (
+            lambda sigma, sigma_next: torch.randn(x.shape, generator=gen).numpy()))
+        pipe = with_integer_timesteps(Pipeline.from_pretrained(tiny_export, provider="cpu"))
+        return pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=CFG,
+                    latents=fixed_latents(), sampler="DPM++ 2M SDE", schedule="Karras", output_type="np").images
+
+    expected = reference_images(reference_pipeline, "DPM++ 2M SDE", fixed_latents(),
+                                generator=torch.Generator().manual_seed(7))
+    got = run(7)
+    assert got.shape == expected.shape == (1, 64, 64, 3)
+    assert np.abs(got - expected).max() < TOL
+    assert np.abs(run(8) - expected).max() > 10 * TOL  # the noise matters at this tolerance
 
 
 def test_batch_rows_match_single_runs(runtime):
