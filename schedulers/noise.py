@@ -49,7 +49,7 @@ def gaussian_noise(x, seed=None):
 
     def draw(sigma=None, sigma_next=None):
         out = np.empty(x.shape, np.float32)
-        parallel(lambda i: fill_standard_normal(gens[i], out[i]), len(gens))
+        parallel(lambda i: fill_standard_normal(gens[i], out[i]), len(gens), out[0].size)
         return out.astype(x.dtype, copy=False)
 
     return draw
@@ -212,6 +212,7 @@ def brownian_noise(x, sigma_min, sigma_max, seed=None, lookahead=None):
     trees = [BrownianTree(x.shape[1:], sigma_min, sigma_max, s, x.dtype) for s in seeds]
     levels = None if lookahead is None else sorted({float(s) for s in lookahead if s > 0}, reverse=True)
     pending = None
+    walk_work = 5 * int(np.prod(x.shape[1:]))  # a step's walk draws about five nodes per image
 
     def draw(sigma, sigma_next):
         nonlocal pending
@@ -224,11 +225,11 @@ def brownian_noise(x, sigma_min, sigma_max, seed=None, lookahead=None):
         def one(i):  # numpy releases the GIL while it draws and adds: the trees walk in parallel
             np.multiply(np.subtract(trees[i](sigma_next), trees[i](sigma), out=out[i]), scale, out=out[i])
 
-        parallel(one, len(trees))
+        parallel(one, len(trees), walk_work)
         lower = min(float(sigma), float(sigma_next))
         following = next((s for s in levels if s < lower), None) if levels else None
         if following is not None:
-            pending = ahead(lambda: parallel(lambda i: trees[i](following), len(trees)))
+            pending = ahead(lambda: parallel(lambda i: trees[i](following), len(trees), walk_work))
         return out
 
     return draw

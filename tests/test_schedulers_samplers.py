@@ -548,3 +548,26 @@ def test_lms_coefficients_are_adams_bashforth_on_equal_steps():
     assert lms_coefficients(sig, 3, 4) == pytest.approx([-55 / 24, 59 / 24, -37 / 24, 9 / 24])
     uneven = np.array([9.0, 4.0, 2.5, 1.0])
     assert sum(lms_coefficients(uneven, 2, 3)) == pytest.approx(1.0 - 2.5)  # integrates constants exactly
+
+
+def test_batch_noise_uses_threads_only_for_enough_work(monkeypatch):
+    """Handing a call to a thread costs about 0.1 ms: small draws run inline, large ones on the
+    pool, and either way the numbers are the same."""
+    import threading
+
+    from edgesd.schedulers import normal
+
+    monkeypatch.setattr(normal, "_THREADS", 2)
+    where = []
+    record = lambda i: where.append(threading.current_thread().name)  # noqa: E731
+    normal.parallel(record, 2, work=normal.PARALLEL_MIN_WORK - 1)
+    assert where == [threading.current_thread().name] * 2
+    where.clear()
+    normal.parallel(record, 2, work=normal.PARALLEL_MIN_WORK)
+    assert len(where) == 2 and all(name.startswith("edgesd-noise") for name in where)
+    x = np.zeros((2, 4, 8, 8), np.float32)
+    sigmas = S.sigmas_for("DPM++ 2M SDE", "Automatic", 6, TABLE)
+    inline = S.sample("DPM++ 2M SDE", DENOISE, start(x.shape, sigmas[0]), sigmas, seed=[1, 2])
+    monkeypatch.setattr(normal, "PARALLEL_MIN_WORK", 1)
+    threaded = S.sample("DPM++ 2M SDE", DENOISE, start(x.shape, sigmas[0]), sigmas, seed=[1, 2])
+    np.testing.assert_array_equal(inline, threaded)
