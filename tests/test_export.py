@@ -290,3 +290,27 @@ def test_safetensors_and_ckpt_load_to_the_same_fp32_modules(family, tmp_path):
             assert a[key].dtype == b[key].dtype, (name, key)
             assert a[key].dtype == torch.float32 or not a[key].is_floating_point(), (name, key)
             assert torch.equal(a[key], b[key]), (name, key)
+
+
+def test_parked_modules_get_their_exact_weights_back(tiny_checkpoint, tmp_path):
+    """While the UNet is exported the other modules' weights wait on disk: they come back bit for
+    bit, buffers never move, and the scratch folder goes once the last module is back."""
+    import torch
+
+    from edgesd.exporter.export import park_modules, unpark_modules
+    from edgesd.exporter.load import load_model
+
+    loaded = load_model(tiny_checkpoint, TINY_CONFIG)
+    before = {a: {k: v.clone() for k, v in getattr(loaded, a).state_dict().items()} for a in ("text_encoder", "vae")}
+    scratch = tmp_path / "parked"
+    parked = park_modules(loaded, {"text_encoder", "vae", "text_encoder_2"}, scratch)
+    assert set(parked) == {"text_encoder", "vae"}  # no second text encoder in SD1
+    assert all(p.numel() == 0 for p in loaded.text_encoder.parameters())
+    unpark_modules(loaded, parked, ["vae"])
+    assert scratch.exists() and all(p.numel() == 0 for p in loaded.text_encoder.parameters())
+    unpark_modules(loaded, parked, ["unet", "text_encoder"])
+    assert not scratch.exists() and parked == {}
+    for attr, state in before.items():
+        after = getattr(loaded, attr).state_dict()
+        assert after.keys() == state.keys()
+        assert all(torch.equal(after[k], v) and after[k].dtype == v.dtype for k, v in state.items()), attr
