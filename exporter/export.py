@@ -193,8 +193,8 @@ def build_folder(source, folder: Path, *, config=None, prediction=None, verify=T
     last_use = {attr: i for i, spec in enumerate(order) for attr in modules_of(spec)}
     with tqdm(total=2 * len(specs) + 1, desc="export", unit="step", disable=not progress) as bar:
         write_configs(folder, configs, loaded)  # before the modules are freed: their full configs go with them
-        parked = park_modules(loaded, {a for s in order if "unet" not in modules_of(s) for a in modules_of(s)} - {"unet"},
-                              folder / PARK_DIR)
+        idle_during_unet = {attr for spec in order for attr in modules_of(spec)} - {"unet"}
+        parked = park_modules(loaded, idle_during_unet, folder / PARK_DIR)
         for i, spec in enumerate(order):
             unpark_modules(loaded, parked, modules_of(spec))
             bar.set_postfix_str(f"{spec.name}: export")
