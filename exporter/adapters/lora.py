@@ -251,7 +251,10 @@ def fuse_file(path, loaded, index: TargetIndex, *, unet_multiplier: float, text_
                 delta = delta.reshape(weight.shape)  # a 1x1 conv LoRA on a linear layer, or the reverse
             multiplier = unet_multiplier if target.component == "unet" else text_multiplier
             update = delta.mul_(multiplier * scale)
-            weight.copy_((weight.to(torch.float32) + update).to(weight.dtype))
+            if weight.dtype == torch.float32:
+                weight.add_(update)  # the same sum, without a weight-sized temporary
+            else:
+                weight.copy_((weight.to(torch.float32) + update).to(weight.dtype))
             kinds.add(kind)
             counts[target.component] = counts.get(target.component, 0) + 1
     return {"file": path.name, "kind": "+".join(sorted(kinds)), "multipliers": {"unet": unet_multiplier, "text_encoder": text_multiplier},
