@@ -224,3 +224,25 @@ def test_hypernetwork_without_matching_widths_or_with_unknown_activation(base, t
     torch.save(data, tmp_path / "odd.pt")
     with pytest.raises(CheckpointError, match="unsupported activation"):
         apply_adapters(copy.deepcopy(base), [], [tmp_path / "odd.pt"])
+
+
+def test_one_module_per_width_is_shared_by_every_attention(base, hypernetworks):
+    """As in A1111, each context width has one module pair (k, v) that every attention of that
+    width applies: a copy per attention held its weights up to 32 times while exporting."""
+    from diffusers.models.attention_processor import Attention
+
+    from edgesd.exporter.adapters.hypernetwork import install
+
+    unet = copy.deepcopy(base.unet)
+    install(unet, hypernetworks[0], 1.0)
+    modules, attentions = {}, 0
+    for attention in (m for m in unet.modules() if isinstance(m, Attention)):
+        for side, attr in ((0, "to_k"), (1, "to_v")):
+            projection = getattr(attention, attr)
+            if hasattr(projection, "hypernetworks"):
+                (module,) = projection.hypernetworks
+                modules.setdefault((projection.in_features, side), set()).add(id(module))
+                attentions += side == 0
+    widths = {width for width, _ in modules}
+    assert attentions > len(widths)  # several attentions share a width in this model
+    assert all(len(ids) == 1 for ids in modules.values()), modules
