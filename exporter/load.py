@@ -101,7 +101,7 @@ def _config_source(config: str | Path | None, detection, prediction: str | None)
 
 
 def _load_single_file(path: Path, config, prediction: str | None) -> LoadedModel:
-    import torch  # noqa: F401  (fail early with the import error if the extra is missing)
+    import torch  # also: fail early with the import error if the extra is missing
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     shapes, state = tensor_shapes(path)
@@ -117,8 +117,6 @@ def _load_single_file(path: Path, config, prediction: str | None) -> LoadedModel
         part = {k: state.pop(k) for k in [k for k in state if k.startswith(prefix)]}
         if not lazy:
             return part
-        import torch
-
         tensors = read_safetensors(path, part.values(), float_dtype=torch.float32)  # the modules are built fp32
         return {name: tensors[key] for name, key in part.items()}
 

@@ -53,7 +53,7 @@ def fill_standard_normal(bit_generator, out):
 PARALLEL_MIN_WORK = 1 << 17
 
 
-def parallel(fn, count, work=PARALLEL_MIN_WORK):
+def parallel(fn, count, work):
     """Run fn(0) ... fn(count - 1) and wait: on a shared thread pool when each call draws at
     least `PARALLEL_MIN_WORK` normals (`work`, an estimate), else inline."""
     global _pool
