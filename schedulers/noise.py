@@ -202,8 +202,8 @@ def brownian_noise(x, sigma_min, sigma_max, seed=None, lookahead=None):
     """k-diffusion's BrownianTreeNoiseSampler: (W(sigma_next) - W(sigma)) / sqrt(|step|),
     one tree per image, on [sigma_min, sigma_max].
 
-    `lookahead`, the schedule's sigmas, makes each draw queue the walk of the trees to the
-    next noise level (normal.ahead), done on a worker thread once the caller's denoiser
+    `lookahead`, every noise level the sampler will ask for (its sigmas, and substep points
+    where it has them), makes each draw queue the walk of the trees to the next level (normal.ahead), done on a worker thread once the caller's denoiser
     reports the host idle (normal.host_idle, before a GPU UNet runs); the values are the
     same, only computed earlier."""
     seeds = image_seeds(seed, x.shape[0])

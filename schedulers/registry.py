@@ -24,6 +24,7 @@ class _Sampler(NamedTuple):
     noise: str = ""  # "", "gaussian" or "brownian": the noise it draws when given a seed
     discard_penultimate: bool = False  # A1111 computes steps + 1 sigmas and drops the last but one
     grid: str = ""  # a timestep grid used when the schedule is Automatic
+    noise_levels: Callable = None  # (sigmas, **options) -> every level its Brownian noise is asked for
 
 
 _CHURN = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": float("inf"), "s_noise": 1.0}
@@ -43,7 +44,8 @@ _SAMPLERS = {
                            "gaussian"),
     "DPM++ 2M": _Sampler(ks.dpmpp_2m, "DPM-Solver++(2M) multistep; 1 call per step", {}, "Karras"),
     "DPM++ SDE": _Sampler(ks.dpmpp_sde, "stochastic DPM-Solver++ with Brownian-tree noise; 2 calls per step",
-                          {"eta": 1.0, "s_noise": 1.0, "r": 0.5}, "Karras", "brownian"),
+                          {"eta": 1.0, "s_noise": 1.0, "r": 0.5}, "Karras", "brownian",
+                          noise_levels=lambda sigmas, r=0.5, **_: ks.dpmpp_sde_noise_levels(sigmas, r)),
     "DPM++ 2M SDE": _Sampler(ks.dpmpp_2m_sde, "DPM-Solver++(2M) SDE, midpoint correction, Brownian-tree noise",
                              {"eta": 1.0, "s_noise": 1.0, "solver_type": "midpoint"}, "Exponential", "brownian"),
     "DPM++ 2M SDE Heun": _Sampler(ks.dpmpp_2m_sde_heun, "DPM-Solver++(2M) SDE, Heun correction, Brownian-tree noise",
@@ -287,7 +289,8 @@ def sample(sampler, denoise, x, sigmas, *, seed=None, noise=None, callback=None,
         noise_fn = as_noise_sampler(noise, x)
     elif spec.noise == "brownian":
         positive = sigmas[sigmas > 0]
-        noise_fn = brownian_noise(x, positive.min(), positive.max(), seed, lookahead=sigmas if noise_ahead else None)
+        levels = spec.noise_levels(sigmas, **options) if spec.noise_levels else sigmas
+        noise_fn = brownian_noise(x, positive.min(), positive.max(), seed, lookahead=levels if noise_ahead else None)
     else:
         noise_fn = gaussian_noise(x, seed)
     return spec.fn(denoise, x, sigmas, noise=noise_fn, callback=callback, **options)

@@ -238,6 +238,15 @@ def dpmpp_sde(denoise, x, sigmas, *, noise, callback=None, eta=1.0, s_noise=1.0,
     return x
 
 
+def dpmpp_sde_noise_levels(sigmas, r=0.5):
+    """The noise levels DPM++ SDE asks its Brownian noise for: each step's sigmas and the point
+    a fraction r along it (for the walk ahead of need, noise.brownian_noise)."""
+    sigmas = np.asarray(sigmas, dtype=np.float64)
+    sigma, sigma_next = sigmas[:-1], sigmas[1:]
+    inner = sigma_next > 0
+    return np.concatenate([sigmas, sigma[inner] * (sigma_next[inner] / sigma[inner]) ** r])
+
+
 def dpmpp_2m(denoise, x, sigmas, *, noise=None, callback=None):
     """DPM-Solver++(2M): exponential-integrator step on the denoised estimate, extrapolated
     linearly (in log sigma) from the previous one; first and last steps are first order."""

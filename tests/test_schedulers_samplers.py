@@ -474,6 +474,38 @@ def test_brownian_lookahead_changes_nothing(sampler):
     np.testing.assert_array_equal(S.sample(sampler, DENOISE, x, sigmas, seed=[3, 4], noise_ahead=True), expected)
 
 
+@pytest.mark.parametrize("sampler", ["DPM++ SDE", "DPM++ 2M SDE", "DPM++ 3M SDE"])
+def test_brownian_lookahead_walks_every_level_ahead(sampler, monkeypatch):
+    """With the host idle during each model call, the trees are walked ahead to every level
+    the sampler asks for (DPM++ SDE's substep points too): the caller's thread draws tree
+    nodes only in the first step, whatever the step count."""
+    import threading
+
+    from edgesd.schedulers import normal
+
+    draws = []
+    original = S.BrownianTree._normal
+
+    def recording(self, kind, index):
+        draws.append(threading.current_thread() is threading.main_thread())
+        return original(self, kind, index)
+
+    monkeypatch.setattr(S.BrownianTree, "_normal", recording)
+
+    def idle_denoise(x, sigma):
+        normal.host_idle()  # as the pipeline does before a GPU UNet call
+        return DENOISE(x, sigma)
+
+    inline = []
+    for steps in (6, 12):
+        sigmas = S.sigmas_for(sampler, "Automatic", steps, TABLE)
+        draws.clear()
+        S.sample(sampler, idle_denoise, start((2, 4, 8, 8), sigmas[0]), sigmas, seed=[3, 4], noise_ahead=True)
+        inline.append(sum(draws))
+        assert len(draws) > inline[-1] > 0  # the first step's walk is inline, later ones ahead
+    assert inline[0] == inline[1]
+
+
 def test_work_queued_ahead_waits_for_the_host_to_go_idle():
     """normal.ahead runs its work on the worker thread only after host_idle(); asked for
     before that, it is computed inline, and either way exactly once."""
