@@ -16,6 +16,7 @@ from pathlib import Path
 
 from edgesd.errors import EdgesdError, InvalidArgumentError, OutputError
 from edgesd.exporter.onnx_export import EXTERNAL_DATA
+from edgesd.exporter.parking import ParkedWeights, return_freed_memory
 from edgesd.exporter.precision import component_precision
 from edgesd.models.families import EXPORTED_CONFIG_FILES
 from edgesd.models.manifest import FORMAT_VERSION, sha256_file, write_manifest
@@ -170,12 +171,15 @@ def build_folder(source, folder: Path, *, config=None, prediction=None, verify=T
     from edgesd.exporter.tokenizer_files import write_clip_tokenizer
     from edgesd.models.families import sample_size
 
-    loaded = load_model(source, config, prediction)
+    # Every module but the UNet waits on disk from when it is built to its own graphs: the UNet
+    # is loaded, fused and exported alone (exporter.parking).
+    parked = ParkedWeights(folder / PARK_DIR)
+    loaded = load_model(source, config, prediction, set_aside=parked.park)
     adapters = []
     if loras or hypernetworks:
         from edgesd.exporter.adapters import apply_adapters
 
-        adapters = apply_adapters(loaded, loras, hypernetworks, lenient=lenient, warn=_warn)
+        adapters = apply_adapters(loaded, loras, hypernetworks, lenient=lenient, warn=_warn, defer=parked.defer)
         return_freed_memory()  # the fusion's temporaries
     family, configs = loaded.family, loaded.configs
     specs = family.components(configs, deepcache_branch=deepcache)
@@ -187,16 +191,14 @@ def build_folder(source, folder: Path, *, config=None, prediction=None, verify=T
         loaded.tiny_vae, configs["tiny_vae"], tiny_record = load_tiny_vae(tiny_vae, family, configs, warn=_warn)
         specs += [s for s in family.components(configs, optional=True) if s.name == TINY_VAE_DECODER]
     components = {}
-    # The UNet's graphs first: exporting the text encoder briefly takes twice its size in memory,
-    # which adds less once the UNet is freed than beside it (the export's peak otherwise).
+    # The UNet's graphs first: the other modules are parked meanwhile, and exporting the text
+    # encoder briefly takes twice its size in memory, which adds less once the UNet is freed.
     order = sorted(specs, key=lambda s: "unet" not in modules_of(s))
     last_use = {attr: i for i, spec in enumerate(order) for attr in modules_of(spec)}
     with tqdm(total=2 * len(specs) + 1, desc="export", unit="step", disable=not progress) as bar:
         write_configs(folder, configs, loaded)  # before the modules are freed: their full configs go with them
-        idle_during_unet = {attr for spec in order for attr in modules_of(spec)} - {"unet"}
-        parked = park_modules(loaded, idle_during_unet, folder / PARK_DIR)
         for i, spec in enumerate(order):
-            unpark_modules(loaded, parked, modules_of(spec))
+            parked.unpark(loaded, modules_of(spec))
             bar.set_postfix_str(f"{spec.name}: export")
             golden = write_golden(folder, spec.name, golden_arrays(spec, loaded, configs))  # I/O `edgesd check` re-runs
             reference = torch_reference(spec, loaded, configs) if verify else None
@@ -223,6 +225,7 @@ def build_folder(source, folder: Path, *, config=None, prediction=None, verify=T
             entry["golden"] = golden
             bar.update()
             components[spec.name] = entry
+        parked.discard()  # a module no graph uses (none in the families here) leaves nothing behind
         components = {spec.name: components[spec.name] for spec in specs}  # the manifest lists them in the family's order
         bar.set_postfix_str("tokenizer")
         for encoder in family.text_encoders:
@@ -313,61 +316,7 @@ def free_modules(loaded, attrs) -> None:
         return_freed_memory()
 
 
-PARK_DIR = ".parked"
-
-
-def park_modules(loaded, attrs, scratch: Path) -> dict:
-    """Move the weights of the modules in `attrs` to files under `scratch` while the UNet is
-    exported; {attr: file}. Only the parameters move (buffers stay); the modules keep their
-    structure and get the same tensors back from `unpark_modules` before their own graphs.
-    The UNet's export is the exporter's peak: the text encoders and the VAE sat in memory beside
-    it (0.8 GB for SD1.5, 3.6 GB for SDXL's fp32 text encoders and VAE)."""
-    import torch
-    from safetensors.torch import save_file
-
-    files = {}
-    for attr in sorted(attrs):
-        module = getattr(loaded, attr, None)
-        if module is None:
-            continue
-        scratch.mkdir(exist_ok=True)
-        files[attr] = scratch / f"{attr}.safetensors"
-        save_file({name: p.detach().contiguous() for name, p in module.named_parameters()}, str(files[attr]))
-        for p in module.parameters():
-            p.data = torch.empty(0, dtype=p.dtype)
-    if files:
-        gc.collect()
-        return_freed_memory()
-    return files
-
-
-def unpark_modules(loaded, parked: dict, attrs) -> None:
-    """Give the parked modules among `attrs` their weights back (read tensor by tensor)."""
-    from edgesd.exporter.checkpoint import read_safetensors
-
-    for attr in attrs:
-        path = parked.pop(attr, None)
-        if path is None:
-            continue
-        module = getattr(loaded, attr)
-        params = dict(module.named_parameters())
-        for name, tensor in read_safetensors(path, params).items():
-            params[name].data = tensor
-        path.unlink()
-        if not parked:
-            path.parent.rmdir()
-
-
-def return_freed_memory() -> None:
-    """Hand the heap's free pages back to the OS. glibc keeps what torch frees for reuse, so
-    after the UNet was freed 1.9 GB of it still counted in the resident memory that the ONNX
-    session verifying the UNet then added to (measured on SD1.5). No-op without glibc."""
-    import ctypes
-
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+PARK_DIR = ".parked"  # inside the export's temporary folder
 
 
 def verify_transformed(spec, reference: list, path: Path, entry: dict) -> dict:

@@ -40,21 +40,27 @@ class LoadedModel:
 PREDICTIONS = {"epsilon": "epsilon", "eps": "epsilon", "v": "v_prediction", "v_prediction": "v_prediction"}
 
 
-def load_model(source: str | Path, config: str | Path | None = None, prediction: str | None = None) -> LoadedModel:
+def load_model(source: str | Path, config: str | Path | None = None, prediction: str | None = None, *,
+               set_aside=None) -> LoadedModel:
     """Load `source`; `prediction` ("epsilon" or "v") overrides what configs and a sidecar
-    `.yaml` say (A1111's convention: `parameterization: "v"` in a yaml beside the file)."""
+    `.yaml` say (A1111's convention: `parameterization: "v"` in a yaml beside the file).
+
+    The text encoders and the VAE are built before the UNet, and `set_aside(attr, module)`, if
+    given, is called with each as soon as it is built (the exporter parks their weights on disk
+    meanwhile: exporter.parking), so that the UNet is not built beside them."""
+    set_aside = set_aside or (lambda attr, module: None)
     if prediction is not None and prediction not in PREDICTIONS:
         raise InvalidArgumentError(f"unknown prediction type {prediction!r}; valid: epsilon, v")
     prediction = PREDICTIONS.get(prediction)
     source = check_file(source)
     if source.is_dir():
-        loaded = _load_diffusers_folder(source)
+        loaded = _load_diffusers_folder(source, set_aside)
     elif source.suffix.lower() not in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES:
         raise CheckpointError(
             f"{source}: not a checkpoint: expected a .safetensors/.ckpt file or a diffusers folder"
         )
     else:
-        loaded = _load_single_file(source, config, prediction or sidecar_prediction(source, config))
+        loaded = _load_single_file(source, config, prediction or sidecar_prediction(source, config), set_aside)
     if prediction:
         loaded.configs["scheduler"] = dict(loaded.configs["scheduler"], prediction_type=prediction)
     return loaded
@@ -100,7 +106,7 @@ def _config_source(config: str | Path | None, detection, prediction: str | None)
     raise InvalidArgumentError(f"--config {config}: expected a diffusers config folder or an LDM .yaml file")
 
 
-def _load_single_file(path: Path, config, prediction: str | None) -> LoadedModel:
+def _load_single_file(path: Path, config, prediction: str | None, set_aside) -> LoadedModel:
     import torch  # also: fail early with the import error if the extra is missing
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -134,9 +140,13 @@ def _load_single_file(path: Path, config, prediction: str | None) -> LoadedModel
 
     # The text encoders first: building one briefly holds its randomly initialised weights too,
     # which then adds to less.
-    texts = [_build_text_encoder(take(e.prefix), configs[e.name], path, e) for e in detection.family.text_encoders]
-    unet = build(UNet2DConditionModel, "unet")
+    texts = []
+    for encoder in detection.family.text_encoders:
+        texts.append(_build_text_encoder(take(encoder.prefix), configs[encoder.name], path, encoder))
+        set_aside(encoder.name, texts[-1])
     vae = build(AutoencoderKL, "vae")
+    set_aside("vae", vae)
+    unet = build(UNet2DConditionModel, "unet")
     return LoadedModel(detection.family, detection.variant, configs, unet, vae, texts[0],
                        source={"file": path.name, "sha256": sha256_file(path), "format": "ldm-single-file"},
                        text_encoder_2=texts[1] if len(texts) > 1 else None)
@@ -189,7 +199,7 @@ def _build_text_encoder(part: dict, config: dict, path: Path, encoder):
     return model.eval()
 
 
-def _load_diffusers_folder(folder: Path) -> LoadedModel:
+def _load_diffusers_folder(folder: Path, set_aside) -> LoadedModel:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -198,10 +208,14 @@ def _load_diffusers_folder(folder: Path) -> LoadedModel:
     configs = load_configs(folder)
     family = family_of_configs(configs)
     try:
-        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True)
+        texts = []
+        for encoder in family.text_encoders:
+            texts.append((CLIPTextModelWithProjection if encoder.projection else CLIPTextModel).from_pretrained(
+                folder, subfolder=encoder.name, local_files_only=True).eval())
+            set_aside(encoder.name, texts[-1])
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True)
-        texts = [(CLIPTextModelWithProjection if e.projection else CLIPTextModel).from_pretrained(
-            folder, subfolder=e.name, local_files_only=True).eval() for e in family.text_encoders]
+        set_aside("vae", vae)
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True)
     except (OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{folder}: cannot load the diffusers model ({_first_line(e)})") from None
     text = texts[0]

@@ -293,24 +293,68 @@ def test_safetensors_and_ckpt_load_to_the_same_fp32_modules(family, tmp_path):
 
 
 def test_parked_modules_get_their_exact_weights_back(tiny_checkpoint, tmp_path):
-    """While the UNet is exported the other modules' weights wait on disk: they come back bit for
-    bit, buffers never move, and the scratch folder goes once the last module is back."""
+    """The modules other than the UNet wait on disk from when they are built until their own
+    graphs: they come back bit for bit, buffers never move, parked parameters keep their shapes
+    but hold no memory, and the scratch folder goes once the last module is back."""
     import torch
 
-    from edgesd.exporter.export import park_modules, unpark_modules
     from edgesd.exporter.load import load_model
+    from edgesd.exporter.parking import ParkedWeights
 
-    loaded = load_model(tiny_checkpoint, TINY_CONFIG)
-    before = {a: {k: v.clone() for k, v in getattr(loaded, a).state_dict().items()} for a in ("text_encoder", "vae")}
+    plain = load_model(tiny_checkpoint, TINY_CONFIG)
     scratch = tmp_path / "parked"
-    parked = park_modules(loaded, {"text_encoder", "vae", "text_encoder_2"}, scratch)
-    assert set(parked) == {"text_encoder", "vae"}  # no second text encoder in SD1
-    assert all(p.numel() == 0 for p in loaded.text_encoder.parameters())
-    unpark_modules(loaded, parked, ["vae"])
-    assert scratch.exists() and all(p.numel() == 0 for p in loaded.text_encoder.parameters())
-    unpark_modules(loaded, parked, ["unet", "text_encoder"])
-    assert not scratch.exists() and parked == {}
-    for attr, state in before.items():
-        after = getattr(loaded, attr).state_dict()
+    parked = ParkedWeights(scratch)
+    built = []
+    loaded = load_model(tiny_checkpoint, TINY_CONFIG, set_aside=lambda a, m: (built.append(a), parked.park(a, m)))
+    assert built == ["text_encoder", "vae"]  # before the UNet; no second text encoder in SD1
+    for attr in built:
+        for (name, p), q in zip(getattr(loaded, attr).named_parameters(), getattr(plain, attr).parameters()):
+            assert p.shape == q.shape and p.dtype == q.dtype and p.untyped_storage().nbytes() <= 8, name
+    parked.unpark(loaded, ["vae"])
+    assert scratch.exists() and next(loaded.text_encoder.parameters()).untyped_storage().nbytes() <= 8
+    parked.unpark(loaded, ["unet", "text_encoder"])
+    assert not scratch.exists() and parked.files == {}
+    for attr in ("text_encoder", "vae", "unet"):
+        after, state = getattr(loaded, attr).state_dict(), getattr(plain, attr).state_dict()
         assert after.keys() == state.keys()
         assert all(torch.equal(after[k], v) and after[k].dtype == v.dtype for k, v in state.items()), attr
+
+
+def test_lora_updates_of_parked_modules_wait_for_their_weights(tiny_checkpoint, tmp_path):
+    """A text-encoder LoRA fused while the text encoder is parked is added when its weights come
+    back: the same weights, bit for bit, as fusing into the module in memory. A LoRA whose shapes
+    do not fit fails at once, not when the text encoder comes back."""
+    import copy
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from edgesd.errors import CheckpointError
+    from edgesd.exporter.adapters import apply_adapters, synth
+    from edgesd.exporter.load import load_model
+    from edgesd.exporter.parking import ParkedWeights
+
+    base = load_model(tiny_checkpoint, TINY_CONFIG)
+    lora = synth.write_kohya_lora(base, tmp_path / "lora.safetensors", seed=4, alphas="present")
+    expected = copy.deepcopy(base)
+    [entry] = apply_adapters(expected, [f"{lora}:0.7:0.4"])
+    assert entry["matched_by_component"]["text_encoder"] > 0
+    parked = ParkedWeights(tmp_path / "parked")
+    loaded = load_model(tiny_checkpoint, TINY_CONFIG, set_aside=parked.park)
+    assert apply_adapters(loaded, [f"{lora}:0.7:0.4"], defer=parked.defer) == [entry]
+    assert len(parked.waiting["text_encoder"]) == entry["matched_by_component"]["text_encoder"]
+    parked.unpark(loaded, ["text_encoder", "vae"])
+    for attr in ("text_encoder", "unet"):
+        got, want, before = (getattr(m, attr).state_dict() for m in (loaded, expected, base))
+        assert all(torch.equal(got[k], v) for k, v in want.items()), attr
+        assert any(not torch.equal(got[k], v) for k, v in before.items()), attr  # the LoRA did change it
+
+    tensors = load_file(str(lora))
+    key = next(k for k in tensors if k.startswith("lora_te_") and k.endswith("lora_up.weight"))
+    tensors[key] = torch.zeros(tensors[key].shape[0] + 1, tensors[key].shape[1])
+    save_file(tensors, str(tmp_path / "wrong.safetensors"))
+    parked = ParkedWeights(tmp_path / "parked2")
+    loaded = load_model(tiny_checkpoint, TINY_CONFIG, set_aside=parked.park)
+    with pytest.raises(CheckpointError, match="shape"):
+        apply_adapters(loaded, [tmp_path / "wrong.safetensors"], defer=parked.defer)
+    parked.discard()

@@ -72,8 +72,9 @@ def check_adapter_files(loras=(), hypernetworks=()) -> None:
             raise CheckpointError(f"{arg.path}: an adapter must be a file, not a folder")
 
 
-def apply_adapters(loaded, loras=(), hypernetworks=(), *, lenient: bool = False, warn=None) -> list:
-    """Fuse `loras` into `loaded` and install `hypernetworks` in its UNet, in order.
+def apply_adapters(loaded, loras=(), hypernetworks=(), *, lenient: bool = False, warn=None, defer=None) -> list:
+    """Fuse `loras` into `loaded` and install `hypernetworks` in its UNet, in order. `defer`
+    lets the updates of modules whose weights are parked wait for them (adapters.lora.fuse_file).
 
     Returns one manifest entry per file: file, sha256, kind, multipliers, matched_modules.
     """
@@ -89,7 +90,7 @@ def apply_adapters(loaded, loras=(), hypernetworks=(), *, lenient: bool = False,
         index = TargetIndex(loaded)
         for arg in loras:
             entry = fuse_file(arg.path, loaded, index, unet_multiplier=arg.unet, text_multiplier=arg.text,
-                              lenient=lenient, warn=warn)
+                              lenient=lenient, warn=warn, defer=defer)
             entries.append({"file": entry.pop("file"), "sha256": sha256_file(arg.path), **entry})
     for arg in hypernetworks:
         entry = install(loaded.unet, arg.path, arg.strength, lenient=lenient, warn=warn)

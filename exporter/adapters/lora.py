@@ -10,6 +10,7 @@ anything else is an error (a warning with lenient=True).
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -201,8 +202,12 @@ def _check_group(group: Group, where: str) -> tuple:
 
 
 def fuse_file(path, loaded, index: TargetIndex, *, unet_multiplier: float, text_multiplier: float,
-              lenient: bool = False, warn=None) -> dict:
-    """Fuse one LoRA-family file into `loaded` in place; returns its manifest entry."""
+              lenient: bool = False, warn=None, defer=None) -> dict:
+    """Fuse one LoRA-family file into `loaded` in place; returns its manifest entry.
+
+    `defer(component, fn)`, if given, may keep fn() (one module's update) to run later, when that
+    component's weights are in memory again (exporter.parking); it returns whether it did. The
+    update's shape is checked now either way, so a wrong file fails before anything is exported."""
     import torch
 
     path = Path(path)
@@ -237,29 +242,52 @@ def fuse_file(path, loaded, index: TargetIndex, *, unet_multiplier: float, text_
     if not resolved:
         raise CheckpointError(f"{where}: no key of this adapter matches a module of the model")
     kinds, counts = set(), {}
-    with torch.no_grad():
-        for group, kind, target in resolved:
-            weight = target.module.weight
-            try:
-                delta, scale = delta_of(group, metadata)
-            except RuntimeError as e:
-                raise CheckpointError(f"{where}: module {group.name}: factor shapes do not fit together "
-                                      f"({str(e).splitlines()[0]})") from None
-            if tuple(delta.shape) != tuple(weight.shape):
-                if delta.numel() != weight.numel() or delta.shape[0] != weight.shape[0]:
-                    raise CheckpointError(_shape_message(where, group, target, delta.shape, weight.shape, index))
-                delta = delta.reshape(weight.shape)  # a 1x1 conv LoRA on a linear layer, or the reverse
-            multiplier = unet_multiplier if target.component == "unet" else text_multiplier
-            update = delta.mul_(multiplier * scale)
-            if weight.dtype == torch.float32:
-                weight.add_(update)  # the same sum, without a weight-sized temporary
-            else:
-                weight.copy_((weight.to(torch.float32) + update).to(weight.dtype))
-            kinds.add(kind)
-            counts[target.component] = counts.get(target.component, 0) + 1
+    for group, kind, target in resolved:
+        multiplier = unet_multiplier if target.component == "unet" else text_multiplier
+
+        def fuse(group=group, target=target, multiplier=multiplier):
+            delta, scale = _update(group, metadata, target, where, index)
+            _add_update(target.module.weight, delta.mul_(multiplier * scale))
+
+        if defer is None or not defer(target.component, fuse):
+            fuse()
+        else:
+            _update(group, metadata, target, where, index)  # checked now, added later
+        kinds.add(kind)
+        counts[target.component] = counts.get(target.component, 0) + 1
     return {"file": path.name, "kind": "+".join(sorted(kinds)), "multipliers": {"unet": unet_multiplier, "text_encoder": text_multiplier},
             "matched_modules": sum(counts.values()), "matched_by_component": counts,
             "unmatched_keys": len(unmatched)}
+
+
+def _update(group: Group, metadata: dict, target, where: str, index: TargetIndex):
+    """(delta, scale): one module's weight update is delta * scale * multiplier; delta is shaped
+    as the weight (a 1x1 conv LoRA on a linear layer, or the reverse, is reshaped). A clear error
+    when it does not fit."""
+    import torch
+
+    shape = tuple(target.module.weight.shape)
+    with torch.no_grad():
+        try:
+            delta, scale = delta_of(group, metadata)
+        except RuntimeError as e:
+            raise CheckpointError(f"{where}: module {group.name}: factor shapes do not fit together "
+                                  f"({str(e).splitlines()[0]})") from None
+        if tuple(delta.shape) != shape:
+            if delta.numel() != math.prod(shape) or delta.shape[0] != shape[0]:
+                raise CheckpointError(_shape_message(where, group, target, delta.shape, shape, index))
+            delta = delta.reshape(shape)
+        return delta, scale
+
+
+def _add_update(weight, update) -> None:
+    import torch
+
+    with torch.no_grad():
+        if weight.dtype == torch.float32:
+            weight.add_(update)  # the same sum, without a weight-sized temporary
+        else:
+            weight.copy_((weight.to(torch.float32) + update).to(weight.dtype))
 
 
 def index_family_title(index: TargetIndex) -> str:
