@@ -242,17 +242,18 @@ def fuse_file(path, loaded, index: TargetIndex, *, unet_multiplier: float, text_
     if not resolved:
         raise CheckpointError(f"{where}: no key of this adapter matches a module of the model")
     kinds, counts = set(), {}
+    title = index_family_title(index)  # what a deferred update keeps: not the index and all its modules
     for group, kind, target in resolved:
         multiplier = unet_multiplier if target.component == "unet" else text_multiplier
 
         def fuse(group=group, target=target, multiplier=multiplier):
-            delta, scale = _update(group, metadata, target, where, index)
+            delta, scale = _update(group, metadata, target, where, title)
             _add_update(target.module.weight, delta.mul_(multiplier * scale))
 
         if defer is None or not defer(target.component, fuse):
             fuse()
         else:
-            _update(group, metadata, target, where, index)  # checked now, added later
+            _update(group, metadata, target, where, title)  # checked now, added later
         kinds.add(kind)
         counts[target.component] = counts.get(target.component, 0) + 1
     return {"file": path.name, "kind": "+".join(sorted(kinds)), "multipliers": {"unet": unet_multiplier, "text_encoder": text_multiplier},
@@ -260,7 +261,7 @@ def fuse_file(path, loaded, index: TargetIndex, *, unet_multiplier: float, text_
             "unmatched_keys": len(unmatched)}
 
 
-def _update(group: Group, metadata: dict, target, where: str, index: TargetIndex):
+def _update(group: Group, metadata: dict, target, where: str, family_title: str):
     """(delta, scale): one module's weight update is delta * scale * multiplier; delta is shaped
     as the weight (a 1x1 conv LoRA on a linear layer, or the reverse, is reshaped). A clear error
     when it does not fit."""
@@ -275,7 +276,7 @@ def _update(group: Group, metadata: dict, target, where: str, index: TargetIndex
                                   f"({str(e).splitlines()[0]})") from None
         if tuple(delta.shape) != shape:
             if delta.numel() != math.prod(shape) or delta.shape[0] != shape[0]:
-                raise CheckpointError(_shape_message(where, group, target, delta.shape, shape, index))
+                raise CheckpointError(_shape_message(where, group, target, delta.shape, shape, family_title))
             delta = delta.reshape(shape)
         return delta, scale
 
@@ -296,11 +297,11 @@ def index_family_title(index: TargetIndex) -> str:
     return FAMILY_TITLES.get(index.family, index.family)
 
 
-def _shape_message(where, group, target, got, want, index) -> str:
+def _shape_message(where, group, target, got, want, family_title: str) -> str:
     message = (f"{where}: module {group.name} gives a weight update of shape {tuple(got)}, but "
                f"{target.component}.{target.path} has shape {tuple(want)} (wrong rank or wrong base model)")
     if len(got) >= 2:
         family = family_from_width(got[1]) if target.path.endswith(("attn2.to_k", "attn2.to_v")) else None
-        if family and family != index_family_title(index):
+        if family and family != family_title:
             message += f"; its cross-attention width {got[1]} is that of {family}"
     return message
