@@ -16,10 +16,11 @@ from pathlib import Path
 
 from edgesd.errors import EdgesdError, InvalidArgumentError, OutputError
 from edgesd.exporter.onnx_export import EXTERNAL_DATA
-from edgesd.exporter.parking import ParkedWeights, return_freed_memory
+from edgesd.exporter.parking import ParkedWeights
 from edgesd.exporter.precision import component_precision
 from edgesd.models.families import EXPORTED_CONFIG_FILES
 from edgesd.models.manifest import FORMAT_VERSION, sha256_file, write_manifest
+from edgesd.runtime.memory import return_freed_memory
 
 TMP_MARK = ".edgesd-tmp-"
 

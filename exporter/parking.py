@@ -15,6 +15,8 @@ import gc
 import shutil
 from pathlib import Path
 
+from edgesd.runtime.memory import return_freed_memory
+
 
 class ParkedWeights:
     """The parked modules' weight files in `scratch`, and the updates waiting for them."""
@@ -68,15 +70,3 @@ class ParkedWeights:
         self.files.clear()
         self.waiting.clear()
         shutil.rmtree(self.scratch, ignore_errors=True)
-
-
-def return_freed_memory() -> None:
-    """Hand the heap's free pages back to the OS. glibc keeps what torch frees for reuse, so
-    after the UNet was freed 1.9 GB of it still counted in the resident memory that the ONNX
-    session verifying the UNet then added to (measured on SD1.5). No-op without glibc."""
-    import ctypes
-
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass

@@ -18,6 +18,7 @@ from edgesd.models.contract import ONNX_TYPE_NAMES
 from edgesd.models.families import EXPORTED_CONFIG_FILES, family_of_configs, get_family, load_configs, sample_size
 from edgesd.models.manifest import read_manifest
 from edgesd.runtime.integrity import verify_folder
+from edgesd.runtime.memory import return_freed_memory
 
 REQUIRED_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 REQUIRED_CONFIG_FIELDS = {"unet": ("sample_size",), "vae": ("block_out_channels",)}
@@ -160,6 +161,7 @@ class Session:
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ModelFolderError(f"{path}: onnxruntime cannot load the graph ({reason})") from None
         self.provider = check_session(self.session, providers, path)
+        return_freed_memory()  # what loading the graph freed (see runtime/memory.py)
         device, device_id = device_of(self.session)
         self.bound = None
         if io_binding or (io_binding is None and device != "cpu"):
@@ -209,7 +211,10 @@ class LazySession:
 
     def release(self) -> None:
         with self._lock:
-            self._session = None
+            released, self._session = self._session, None
+        if released is not None:
+            del released
+            return_freed_memory()
 
     def __getattr__(self, name):  # input_dtypes, input_ranks, output_names, run, spec
         return getattr(self._open(), name)

@@ -66,3 +66,27 @@ def test_cpu_sessions_share_one_memory_arena(tiny_export):
     assert not options.enable_cpu_mem_arena
     args = dict(prompt="a red circle", num_inference_steps=3, height=64, width=64, seed=2, output_type="np")
     np.testing.assert_array_equal(pipe(**args).images, low(**args).images)
+
+
+def test_freed_heap_goes_back_to_the_os_after_each_load_and_release(tiny_export, monkeypatch):
+    """Loading a graph frees much of what onnxruntime parsed and rewrote, and glibc keeps freed
+    memory resident: each session load, and each low-memory release, is followed by a trim."""
+    from edgesd import Pipeline
+    from edgesd.runtime import model_folder
+
+    events = []
+    monkeypatch.setattr(model_folder, "return_freed_memory", lambda: events.append("trim"))
+    real_init = model_folder.Session.__init__
+
+    def init(self, *args, **kwargs):
+        events.append("load")
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(model_folder.Session, "__init__", init)
+    Pipeline.from_pretrained(tiny_export, provider="cpu")
+    assert events == ["load", "trim"] * 3  # text encoder, UNet, VAE decoder
+    events.clear()
+    Pipeline.from_pretrained(tiny_export, provider="cpu", low_memory=True)(
+        prompt="a red circle", num_inference_steps=2, height=64, width=64, seed=1)
+    assert events == ["load", "trim", "trim"] * 3  # each stage's session loaded, then released
+
