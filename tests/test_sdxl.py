@@ -196,6 +196,17 @@ def test_kohya_sdxl_lora_fuses_like_diffusers(sdxl_model, tmp_path):
         for key in a:
             if a[key].is_floating_point():
                 assert torch.allclose(a[key], b[key], atol=1e-6, rtol=0), (name, key)
+    # as the exporter fuses it: both text encoders parked while the UNet is fused, theirs added later
+    from edgesd.exporter.parking import ParkedWeights
+
+    parked = ParkedWeights(tmp_path / "parked")
+    waiting = load_model(ckpt, config, set_aside=parked.park)
+    assert sorted(parked.files) == ["text_encoder", "text_encoder_2", "vae"]
+    assert apply_adapters(waiting, [f"{lora}:0.8:0.5"], defer=parked.defer) == [entry]
+    parked.unpark(waiting, ["text_encoder", "text_encoder_2", "vae"])
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        a, b = getattr(ours, name).state_dict(), getattr(waiting, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
 def load_file_keys(path) -> list:
