@@ -20,6 +20,7 @@ from edgesd.exporter.parking import ParkedWeights
 from edgesd.exporter.precision import component_precision
 from edgesd.models.families import EXPORTED_CONFIG_FILES
 from edgesd.models.manifest import FORMAT_VERSION, sha256_file, write_manifest
+from edgesd.runtime.atomic import process_alive
 from edgesd.runtime.memory import return_freed_memory
 
 TMP_MARK = ".edgesd-tmp-"
@@ -107,22 +108,12 @@ def remove_stale_temporaries(parent: Path, name: str) -> None:
     prefix = f".{name}{TMP_MARK}"
     for path in sorted(parent.glob(f"{prefix}*")):
         pid = path.name[len(prefix):].split("-")[0]
-        if pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid():
+        if pid.isdigit() and process_alive(int(pid)) and int(pid) != os.getpid():
             continue
         if "-old-" in path.name and not (parent / name).exists():
             path.rename(parent / name)
         else:
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def replace_folder(new: Path, out: Path) -> None:

@@ -35,3 +35,15 @@ def write_atomic(path: str | Path, data: bytes, what: str = "file") -> Path:
             except OSError:
                 pass
     return path
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists (it may belong to another user): a temporary file or folder
+    named after a dead process is a leftover that can go."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -196,7 +196,7 @@ def cmd_generate(args):
     profile = engine_profile(args.model, kwargs, args.batch) if args.provider.lower() in ("auto", "tensorrt") else None
     pipe = Pipeline.from_pretrained(args.model, provider=args.provider, low_memory=args.low_memory, profile=profile,
                                     engine_cache=args.engine_cache, allow_rebuild=args.allow_rebuild,
-                                    tiny_vae=wants_tiny_vae(args), **gpu_options(args))
+                                    tiny_vae=wants_tiny_vae(args), graph_cache=args.graph_cache, **gpu_options(args))
     for spec in args.embedding or ():
         path, name = (spec, "") if Path(spec).exists() or ":" not in spec else spec.rsplit(":", 1)  # FILE[:WORD]
         pipe.load_embedding(path, token=name or None)
@@ -403,6 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae-tiling", action="store_true", help="decode large images in overlapping tiles (less memory)")
     p.add_argument("--low-memory", action="store_true",
                    help="load one component at a time and free it after its stage; no arenas; tiled VAE")
+    p.add_argument("--graph-cache", nargs="?", const=True, default=False, metavar="DIR",
+                   help="CPU: keep the graphs as onnxruntime optimized them for this CPU and load those next time "
+                   "(much faster loads; a copy of the weights on disk; default DIR: $EDGESD_CACHE/graphs)")
     p.add_argument("--tiny-vae", action="store_true", help="decode with the TAESD decoder the folder was exported "
                    "with (export --tiny-vae): much faster, lower quality")
     p.add_argument("--hr-scale", type=float, default=None, help="hires fix: upscale factor of a second img2img pass")

@@ -114,12 +114,30 @@ class ModelFolder:
         """The target the exporter optimized the graphs for ("cpu", "cuda"), or None."""
         return (self.manifest or {}).get("optimization")
 
-    def session(self, component: str, providers: list, options=None, io_binding: bool | None = None) -> "Session":
+    def session(self, component: str, providers: list, options=None, io_binding: bool | None = None,
+                graph_cache: Path | None = None) -> "Session":
+        """`graph_cache`: a folder where CPU sessions keep the graph onnxruntime optimized for this
+        CPU, and load it from next time (runtime/graph_cache.py); None: optimize at every load."""
         if not self.has(component):
             raise ModelFolderError(f"{self.path}: this model folder has no {component} graph")
         check_optimization_target(self.path, self.optimization, providers)
+        cached = None
+        if graph_cache is not None and self.optimization is None and cpu_only(providers):
+            import onnxruntime as ort
+
+            from edgesd.runtime.graph_cache import CachedGraph
+
+            level = (options.graph_optimization_level if options is not None
+                     else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+            cached = CachedGraph(graph_cache, self, component, level)
         return Session(self.path / self.specs[component].path, self.specs[component], providers, options, io_binding,
-                       preoptimized=self.optimization is not None)
+                       preoptimized=self.optimization is not None, cached=cached)
+
+
+def cpu_only(providers: list) -> bool:
+    from edgesd.runtime.providers import names
+
+    return all(p == "CPUExecutionProvider" for p in names(providers))
 
 
 def check_optimization_target(path: Path, target: str | None, providers: list) -> None:
@@ -141,7 +159,7 @@ class Session:
     provider onnxruntime really runs the graph on."""
 
     def __init__(self, path: Path, spec, providers: list, options=None, io_binding: bool | None = None,
-                 preoptimized: bool = False):
+                 preoptimized: bool = False, cached=None):
         import onnxruntime as ort
 
         from edgesd.runtime.device_io import BoundRunner
@@ -155,11 +173,17 @@ class Session:
                 share_cpu_arena(options)
         if preoptimized:  # fused at export: the extended passes would only repeat the work at each load
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        self.session = self.cached_session(cached, options, providers) if cached is not None else None
+        staging = cached.stage(options) if cached is not None and self.session is None else None
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
+            if self.session is None:
+                self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ModelFolderError(f"{path}: onnxruntime cannot load the graph ({reason})") from None
+        finally:
+            if staging is not None:
+                cached.commit(staging)
         self.provider = check_session(self.session, providers, path)
         return_freed_memory()  # what loading the graph freed (see runtime/memory.py)
         device, device_id = device_of(self.session)
@@ -179,6 +203,24 @@ class Session:
         self.input_ranks = {n: len(i.shape) for n, i in graph_inputs.items()}
         self.output_names = [n for n in spec.output_names if n in graph_outputs]
 
+    @staticmethod
+    def cached_session(cached, options, providers: list):
+        """A session on the cache's optimized graph (no optimization at load), or None when the
+        cache has none or onnxruntime cannot load it (then it is removed, to be made again)."""
+        import onnxruntime as ort
+
+        if not cached.ready:
+            return None
+        level = options.graph_optimization_level
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        try:
+            return ort.InferenceSession(str(cached.model), options, providers=providers)
+        except Exception:  # noqa: BLE001 - a damaged entry: onnxruntime raises its own types
+            cached.discard()
+            return None
+        finally:
+            options.graph_optimization_level = level
+
     def run(self, outputs: list | None = None, **feeds) -> list:
         # an array already of the graph's dtype stays the same object: IOBinding keeps read-only ones on the device
         feed = {name: np.asarray(value, dtype=self.input_dtypes[name]) for name, value in feeds.items()}
@@ -193,11 +235,11 @@ class LazySession:
     it once. It reads like a Session."""
 
     def __init__(self, folder: ModelFolder, component: str, providers: list, options_factory,
-                 io_binding: bool | None = None):
+                 io_binding: bool | None = None, graph_cache: Path | None = None):
         import threading
 
         self.folder, self.component, self.providers = folder, component, providers
-        self.options_factory, self.io_binding = options_factory, io_binding
+        self.options_factory, self.io_binding, self.graph_cache = options_factory, io_binding, graph_cache
         self._session = None
         self._lock = threading.Lock()
 
@@ -205,7 +247,7 @@ class LazySession:
         with self._lock:
             if self._session is None:
                 self._session = self.folder.session(self.component, self.providers, self.options_factory(),
-                                                   self.io_binding)
+                                                   self.io_binding, self.graph_cache)
                 self.provider = self._session.provider  # kept after release(): infotexts name it
             return self._session
 

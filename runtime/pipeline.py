@@ -49,12 +49,26 @@ class GenerationResult:
         return self.infotexts[0] if self.infotexts else ""
 
 
+def graph_cache_root(value) -> Path | None:
+    """`graph_cache` as a folder: False/None -> no cache, True -> the default one, else the path given."""
+    from edgesd.runtime.graph_cache import default_root
+
+    if value is None or value is False:
+        return None
+    if value is True:
+        return default_root()
+    if isinstance(value, (str, Path)) and str(value):
+        return Path(value)
+    raise InvalidArgumentError(f"graph_cache must be True, False or a folder, got {value!r}")
+
+
 class Pipeline:
     """A loaded model folder. Thread-safe for concurrent calls: all per-call state is local."""
 
     def __init__(self, folder: ModelFolder, providers: list, low_memory: bool = False, engines=None,
-                 io_binding: bool | None = None, tiny_vae: bool = False):
+                 io_binding: bool | None = None, tiny_vae: bool = False, graph_cache=False):
         self.tiny_vae = check_tiny_vae(folder, tiny_vae)
+        self.graph_cache = graph_cache_root(graph_cache)
         self.folder = folder
         self.providers = providers
         self.low_memory = bool(low_memory)
@@ -88,7 +102,7 @@ class Pipeline:
                         device_id: int = 0, gpu_mem_limit: int | None = None, arena_extend_strategy: str | None = None,
                         cudnn_conv_algo_search: str | None = None, cuda_graph: bool = False,
                         io_binding: bool | None = None, profile=None, engine_cache=None,
-                        allow_rebuild: bool = False, tiny_vae: bool = False) -> "Pipeline":
+                        allow_rebuild: bool = False, tiny_vae: bool = False, graph_cache=False) -> "Pipeline":
         """`low_memory`: hold one component's weights at a time (each is loaded when its stage
         starts and freed when it ends), no memory arenas, and tiled VAE decoding/encoding:
         the peak is about the largest component instead of all of them, for a reload per stage.
@@ -101,6 +115,9 @@ class Pipeline:
         last; `engine_cache` is their folder; `allow_rebuild` builds what is missing (runtime/engines.py).
         `tiny_vae`: decode with the TAESD graph the folder was exported with (`edgesd export --tiny-vae`),
         ~50x cheaper than the full VAE decoder, at a quality cost; img2img still encodes with the full VAE.
+        `graph_cache` (CPU provider): True, or a folder, keeps each graph as onnxruntime optimized it
+        for this CPU and loads that next time (SD1.5: 15 s to load, then about 5 s), at the cost of a
+        copy of the weights on disk; True puts it in $EDGESD_CACHE/graphs (runtime/graph_cache.py).
         """
         from edgesd.runtime import engines
 
@@ -113,7 +130,7 @@ class Pipeline:
         engine_set, providers = engines.for_pipeline(
             folder, providers, explicit=str(provider).lower() == "tensorrt", profile=profile,
             cache_root=engine_cache, allow_rebuild=allow_rebuild, device_id=device_id)
-        return cls(folder, providers, low_memory, engine_set, io_binding, tiny_vae)
+        return cls(folder, providers, low_memory, engine_set, io_binding, tiny_vae, graph_cache)
 
     def open_session(self, component: str):
         """The component's session: opened now, or on first use in low-memory mode. Only the
@@ -125,8 +142,9 @@ class Pipeline:
 
     def _session(self, component: str, providers: list):
         if self.low_memory:
-            return LazySession(self.folder, component, providers, low_memory_options, self.io_binding)
-        return self.folder.session(component, providers, io_binding=self.io_binding)
+            return LazySession(self.folder, component, providers, low_memory_options, self.io_binding,
+                               self.graph_cache)
+        return self.folder.session(component, providers, io_binding=self.io_binding, graph_cache=self.graph_cache)
 
     @property
     def host_idle_during_unet(self) -> bool:
