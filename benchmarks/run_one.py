@@ -54,6 +54,8 @@ def run_edgesd(args) -> dict:
     options = {"low_memory": True} if args.low_memory else {}
     if args.tiny_vae:
         options["tiny_vae"] = True
+    if args.graph_cache:
+        options["graph_cache"] = args.graph_cache
     start = time.perf_counter()
     pipe = Pipeline.from_pretrained(args.model, provider="cpu", **options)
     load_s = time.perf_counter() - start
@@ -139,6 +141,7 @@ def main() -> None:
                         help="edgesd: deepcache_interval (a folder exported with --deepcache)")
     parser.add_argument("--save", help="edgesd: save the image (.npy) for quality comparisons")
     parser.add_argument("--tiny-vae", action="store_true", help="edgesd: decode with the TAESD graph")
+    parser.add_argument("--graph-cache", metavar="DIR", help="edgesd: load the graphs optimized for this CPU from DIR")
     args = parser.parse_args()
     result = RUNNERS[args.system](args)
     result.update(system=args.system, size=args.size, steps=args.steps, peak_rss_mb=peak_rss_mb())
