@@ -183,6 +183,7 @@ class Session:
             raise ModelFolderError(f"{path}: onnxruntime cannot load the graph ({reason})") from None
         finally:
             if staging is not None:
+                options.optimized_model_filepath = ""  # the options may serve another session
                 cached.commit(staging)
         self.provider = check_session(self.session, providers, path)
         return_freed_memory()  # what loading the graph freed (see runtime/memory.py)
