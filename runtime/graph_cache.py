@@ -30,10 +30,36 @@ KEY_CHARS = 16
 LAYOUT = 1  # bump when what an entry holds changes
 
 
-def default_root() -> Path:
+def cache_root(value) -> Path | None:
+    """The `graph_cache` argument as a folder: False/None -> no cache, True -> $EDGESD_CACHE/graphs,
+    else the folder given."""
+    from edgesd.errors import InvalidArgumentError
     from edgesd.runtime.cli import cache_dir
 
-    return cache_dir() / "graphs"
+    if value is None or value is False:
+        return None
+    if value is True:
+        return cache_dir() / "graphs"
+    if isinstance(value, (str, Path)) and str(value):
+        return Path(value)
+    raise InvalidArgumentError(f"graph_cache must be True, False or a folder, got {value!r}")
+
+
+def inference_session(path: Path, options, providers: list, cached=None):
+    """An onnxruntime session on `path`; with a cache entry (`CachedGraph`), on the entry's graph
+    if it has a loadable one, else on `path`, saving the optimized graph into the entry."""
+    import onnxruntime as ort
+
+    session = cached.load(options, providers) if cached is not None else None
+    if session is not None:
+        return session
+    staging = cached.stage(options) if cached is not None else None
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    finally:
+        if staging is not None:
+            options.optimized_model_filepath = ""  # the options may serve another session
+            cached.commit(staging)
 
 
 def cpu_signature() -> str:
@@ -48,14 +74,16 @@ def cpu_signature() -> str:
 
 
 class CachedGraph:
-    """The cache entry of one component of one model folder, for one optimization level."""
+    """The cache entry of one component of one model folder, for the optimization level of
+    `options` (onnxruntime's default, the full level, without options)."""
 
-    def __init__(self, root: Path, folder, component: str, level: int):
-        import onnxruntime
+    def __init__(self, root: Path, folder, component: str, options=None):
+        import onnxruntime as ort
 
         from edgesd.runtime.engines import graph_digest
 
-        facts = {"graph_sha256": graph_digest(folder, component), "onnxruntime": onnxruntime.__version__,
+        level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if options is None else options.graph_optimization_level
+        facts = {"graph_sha256": graph_digest(folder, component), "onnxruntime": ort.__version__,
                  "cpu": cpu_signature(), "level": int(level), "layout": LAYOUT}
         self.key = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
         self.root = Path(root)
@@ -66,6 +94,23 @@ class CachedGraph:
     @property
     def ready(self) -> bool:
         return self.model.is_file()
+
+    def load(self, options, providers: list):
+        """A session on the entry's graph, with no optimization at load; None when the entry has
+        none or onnxruntime cannot load it (then it is removed, to be made again)."""
+        import onnxruntime as ort
+
+        if not self.ready:
+            return None
+        level = options.graph_optimization_level
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        try:
+            return ort.InferenceSession(str(self.model), options, providers=providers)
+        except Exception:  # noqa: BLE001 - a damaged entry: onnxruntime raises its own types
+            self.discard()
+            return None
+        finally:
+            options.graph_optimization_level = level
 
     def stage(self, options) -> Path | None:
         """Ask `options` to save the optimized graph into a new temporary folder (returned), or

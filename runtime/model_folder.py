@@ -123,13 +123,9 @@ class ModelFolder:
         check_optimization_target(self.path, self.optimization, providers)
         cached = None
         if graph_cache is not None and self.optimization is None and cpu_only(providers):
-            import onnxruntime as ort
-
             from edgesd.runtime.graph_cache import CachedGraph
 
-            level = (options.graph_optimization_level if options is not None
-                     else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
-            cached = CachedGraph(graph_cache, self, component, level)
+            cached = CachedGraph(graph_cache, self, component, options)
         return Session(self.path / self.specs[component].path, self.specs[component], providers, options, io_binding,
                        preoptimized=self.optimization is not None, cached=cached)
 
@@ -163,6 +159,7 @@ class Session:
         import onnxruntime as ort
 
         from edgesd.runtime.device_io import BoundRunner
+        from edgesd.runtime.graph_cache import inference_session
         from edgesd.runtime.providers import GPU_PROVIDERS, check_session, device_of, names, uses_cuda_graph
 
         self.spec = spec
@@ -173,18 +170,11 @@ class Session:
                 share_cpu_arena(options)
         if preoptimized:  # fused at export: the extended passes would only repeat the work at each load
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        self.session = self.cached_session(cached, options, providers) if cached is not None else None
-        staging = cached.stage(options) if cached is not None and self.session is None else None
         try:
-            if self.session is None:
-                self.session = ort.InferenceSession(str(path), options, providers=providers)
+            self.session = inference_session(path, options, providers, cached)
         except Exception as e:  # onnxruntime raises its own exception types
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ModelFolderError(f"{path}: onnxruntime cannot load the graph ({reason})") from None
-        finally:
-            if staging is not None:
-                options.optimized_model_filepath = ""  # the options may serve another session
-                cached.commit(staging)
         self.provider = check_session(self.session, providers, path)
         return_freed_memory()  # what loading the graph freed (see runtime/memory.py)
         device, device_id = device_of(self.session)
@@ -203,24 +193,6 @@ class Session:
         self.input_dtypes = {n: np.dtype(ONNX_TYPE_NAMES.get(i.type, "float32")) for n, i in graph_inputs.items()}
         self.input_ranks = {n: len(i.shape) for n, i in graph_inputs.items()}
         self.output_names = [n for n in spec.output_names if n in graph_outputs]
-
-    @staticmethod
-    def cached_session(cached, options, providers: list):
-        """A session on the cache's optimized graph (no optimization at load), or None when the
-        cache has none or onnxruntime cannot load it (then it is removed, to be made again)."""
-        import onnxruntime as ort
-
-        if not cached.ready:
-            return None
-        level = options.graph_optimization_level
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        try:
-            return ort.InferenceSession(str(cached.model), options, providers=providers)
-        except Exception:  # noqa: BLE001 - a damaged entry: onnxruntime raises its own types
-            cached.discard()
-            return None
-        finally:
-            options.graph_optimization_level = level
 
     def run(self, outputs: list | None = None, **feeds) -> list:
         # an array already of the graph's dtype stays the same object: IOBinding keeps read-only ones on the device

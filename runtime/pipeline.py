@@ -23,6 +23,7 @@ from edgesd.runtime import providers as provider_names
 from edgesd.runtime.images import to_pil, to_unit_nhwc
 from edgesd.runtime import conditioning, hires, img2img, vae_tiling
 from edgesd.runtime.deepcache import DeepCache, check_interval
+from edgesd.runtime.graph_cache import cache_root
 from edgesd.runtime.validation import check_int
 from edgesd.runtime.infotext import call_arguments, create_infotext, parse_infotext
 from edgesd.runtime.model_folder import LazySession, ModelFolder, low_memory_options
@@ -49,26 +50,13 @@ class GenerationResult:
         return self.infotexts[0] if self.infotexts else ""
 
 
-def graph_cache_root(value) -> Path | None:
-    """`graph_cache` as a folder: False/None -> no cache, True -> the default one, else the path given."""
-    from edgesd.runtime.graph_cache import default_root
-
-    if value is None or value is False:
-        return None
-    if value is True:
-        return default_root()
-    if isinstance(value, (str, Path)) and str(value):
-        return Path(value)
-    raise InvalidArgumentError(f"graph_cache must be True, False or a folder, got {value!r}")
-
-
 class Pipeline:
     """A loaded model folder. Thread-safe for concurrent calls: all per-call state is local."""
 
     def __init__(self, folder: ModelFolder, providers: list, low_memory: bool = False, engines=None,
                  io_binding: bool | None = None, tiny_vae: bool = False, graph_cache=False):
         self.tiny_vae = check_tiny_vae(folder, tiny_vae)
-        self.graph_cache = graph_cache_root(graph_cache)
+        self.graph_cache = cache_root(graph_cache)
         self.folder = folder
         self.providers = providers
         self.low_memory = bool(low_memory)

@@ -203,9 +203,9 @@ def brownian_noise(x, sigma_min, sigma_max, seed=None, lookahead=None):
     one tree per image, on [sigma_min, sigma_max].
 
     `lookahead`, every noise level the sampler will ask for (its sigmas, and substep points
-    where it has them), makes each draw queue the walk of the trees to the next level (normal.ahead), done on a worker thread once the caller's denoiser
-    reports the host idle (normal.host_idle, before a GPU UNet runs); the values are the
-    same, only computed earlier."""
+    where it has them), makes each draw queue the walk of the trees to the next level
+    (normal.ahead), done on a worker thread once the caller's denoiser reports the host idle
+    (normal.host_idle, before a GPU UNet runs); the values are the same, only computed earlier."""
     seeds = image_seeds(seed, x.shape[0])
     if seeds is None:
         seeds = [int(s) for s in np.random.default_rng().integers(0, 2**63 - 1, x.shape[0])]

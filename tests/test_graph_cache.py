@@ -50,12 +50,18 @@ def test_an_entry_belongs_to_one_graph_cpu_and_optimization_level(tiny_export, t
     from edgesd.runtime import graph_cache
     from edgesd.runtime.model_folder import ModelFolder
 
+    def at(level):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = level
+        return options
+
     folder = ModelFolder.open(tiny_export)
-    full = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    full = at(ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
     unet = graph_cache.CachedGraph(tmp_path, folder, "unet", full)
     assert unet.dir == graph_cache.CachedGraph(tmp_path, folder, "unet", full).dir
+    assert unet.dir == graph_cache.CachedGraph(tmp_path, folder, "unet").dir  # no options: onnxruntime's default
     assert unet.dir != graph_cache.CachedGraph(tmp_path, folder, "vae_decoder", full).dir
-    assert unet.key != graph_cache.CachedGraph(tmp_path, folder, "unet", ort.GraphOptimizationLevel.ORT_ENABLE_BASIC).key
+    assert unet.key != graph_cache.CachedGraph(tmp_path, folder, "unet", at(ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)).key
     assert unet.facts["graph_sha256"].startswith(folder.manifest["components"]["unet"]["sha256"])
     monkeypatch.setattr(graph_cache, "cpu_signature", lambda: "x86_64:SSE,SSE2")  # another CPU
     assert unet.key != graph_cache.CachedGraph(tmp_path, folder, "unet", full).key
