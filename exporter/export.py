@@ -163,9 +163,9 @@ def build_folder(source, folder: Path, *, config=None, prediction=None, verify=T
     from edgesd.exporter.tokenizer_files import write_clip_tokenizer
     from edgesd.models.families import sample_size
 
-    # Every module but the UNet waits on disk from when it is built to its own graphs: the UNet
-    # is loaded, fused and exported alone (exporter.parking).
-    parked = ParkedWeights(folder / PARK_DIR)
+    # Every module but the UNet waits on disk from when it is built to its own graphs; the UNet
+    # is loaded and fused alone, then streamed from disk a layer at a time (exporter.parking).
+    parked = ParkedWeights(folder / PARK_DIR, streamed=("unet",))
     loaded = load_model(source, config, prediction, set_aside=parked.park)
     adapters = []
     if loras or hypernetworks:
@@ -173,6 +173,7 @@ def build_folder(source, folder: Path, *, config=None, prediction=None, verify=T
 
         adapters = apply_adapters(loaded, loras, hypernetworks, lenient=lenient, warn=_warn, defer=parked.defer)
         return_freed_memory()  # the fusion's temporaries
+    parked.stream("unet", loaded.unet)
     family, configs = loaded.family, loaded.configs
     specs = family.components(configs, deepcache_branch=deepcache)
     tiny_record = None
@@ -190,12 +191,17 @@ def build_folder(source, folder: Path, *, config=None, prediction=None, verify=T
     with tqdm(total=2 * len(specs) + 1, desc="export", unit="step", disable=not progress) as bar:
         write_configs(folder, configs, loaded)  # before the modules are freed: their full configs go with them
         for i, spec in enumerate(order):
-            parked.unpark(loaded, modules_of(spec))
+            attrs = modules_of(spec)
+            parked.unpark(loaded, attrs)
             bar.set_postfix_str(f"{spec.name}: export")
-            golden = write_golden(folder, spec.name, golden_arrays(spec, loaded, configs))  # I/O `edgesd check` re-runs
-            reference = torch_reference(spec, loaded, configs) if verify else None
-            path = export_component(spec, loaded, configs, folder, opset=OPSET)
-            free_modules(loaded, [a for a in modules_of(spec) if last_use[a] == i])
+            with parked.running(loaded, attrs):
+                golden = write_golden(folder, spec.name, golden_arrays(spec, loaded, configs))  # I/O `edgesd check` re-runs
+                reference = torch_reference(spec, loaded, configs) if verify else None
+            path = export_component(spec, loaded, configs, folder, opset=OPSET, stored=parked.loaders(loaded, attrs))
+            done = [a for a in attrs if last_use[a] == i]
+            free_modules(loaded, done)
+            for attr in done:
+                parked.forget(attr)
             bar.update()
             entry = record_files({"path": spec.path, "precision": "fp32"}, spec, path)
             if verify:

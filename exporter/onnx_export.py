@@ -8,47 +8,45 @@ for every image size that is a multiple of 8 pixels.
 from __future__ import annotations
 
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
 
 from edgesd.errors import ExportError
+from edgesd.exporter.bind import MAX_INLINE_BYTES
 
 OPSET = 17
 EXTERNAL_DATA = "model.onnx_data"
 FP32_TOLERANCE = 1e-3  # max abs error relative to the output's max magnitude
-MAX_INLINE_BYTES = 2**31 - 2**26  # weights above this go to model.onnx_data (protobuf's 2 GB limit, with room)
 
 
-def export_component(spec, model, configs: dict, folder: Path, *, opset: int = OPSET) -> Path:
+def export_component(spec, model, configs: dict, folder: Path, *, opset: int = OPSET, stored=None) -> Path:
+    """Trace `spec`'s graph without its weights, then write them in (exporter.bind).
+
+    `stored` ({id(parameter): fn() -> array}) gives the weights of parameters that are
+    placeholders in memory (a module streamed from disk); the others are read from the module."""
     import onnx
-    import torch
 
+    from edgesd.exporter.bind import bind_weights, trace, weightless
     from edgesd.exporter.graphs import example_inputs, graph_for
 
     graph = graph_for(spec, model)
     inputs = example_inputs(spec, configs, batch=2, latent_hw=(9, 11), seed=0)
     target = folder / spec.name
-    scratch = folder / (spec.name + ".trace")
     target.mkdir(parents=True, exist_ok=True)
-    scratch.mkdir(parents=True, exist_ok=True)
-    traced = scratch / "model.onnx"
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(graph, tuple(inputs), str(traced), dynamo=False, opset_version=opset,
-                          input_names=spec.input_names, output_names=spec.output_names,
-                          dynamic_axes=spec.dynamic_axes(), do_constant_folding=True)
-    # The graph proto is loaded without its weights: a traced model over 2 GB comes with one
-    # file per tensor, which are streamed into a single model.onnx_data, never all in memory.
-    proto = onnx.load(str(traced), load_external_data=False)
+    traced = target / "model.trace.onnx"
+    with weightless(graph) as real:
+        trace(graph, inputs, traced, spec, opset)
+    proto = onnx.load(str(traced))
+    traced.unlink()
+    sources = {name: (lambda t=t: t.detach().numpy()) for name, t in graph.named_buffers()}
+    sources.update({name: (lambda t=t: t.detach().numpy()) for name, t in real.items()})
+    stored = stored or {}
+    sources.update({name: stored[id(p)] for name, p in graph.named_parameters() if id(p) in stored})
+    bind_weights(proto, sources, target, data_name=EXTERNAL_DATA)
     add_input_defaults(proto, spec)
     path = target / "model.onnx"
-    if _has_external_data(scratch):
-        consolidate_external_data(proto, scratch, target / EXTERNAL_DATA)
     onnx.save_model(proto, str(path))
-    del proto
-    shutil.rmtree(scratch)
     return path
 
 
@@ -140,10 +138,6 @@ def add_input_defaults(proto, spec) -> None:
             for dim in declared[t.name].type.tensor_type.shape.dim if t.name in declared else ():
                 if dim.dim_param:
                     dim.dim_param = f"{dim.dim_param}_of_{t.name}"
-
-
-def _has_external_data(folder: Path) -> bool:
-    return any(p.name != "model.onnx" for p in folder.iterdir())
 
 
 def cpu_load_problem(path: Path) -> str | None:

@@ -205,9 +205,10 @@ def fuse_file(path, loaded, index: TargetIndex, *, unet_multiplier: float, text_
               lenient: bool = False, warn=None, defer=None) -> dict:
     """Fuse one LoRA-family file into `loaded` in place; returns its manifest entry.
 
-    `defer(component, fn)`, if given, may keep fn() (one module's update) to run later, when that
-    component's weights are in memory again (exporter.parking); it returns whether it did. The
-    update's shape is checked now either way, so a wrong file fails before anything is exported."""
+    `defer(component, fn, layer)`, if given, may keep fn() (the update of one layer of that
+    component) to run later, when the layer's weights are in memory again (exporter.parking); it
+    returns whether it did. The update's shape is checked now either way, so a wrong file fails
+    before anything is exported."""
     import torch
 
     path = Path(path)
@@ -250,7 +251,7 @@ def fuse_file(path, loaded, index: TargetIndex, *, unet_multiplier: float, text_
             delta, scale = _update(group, metadata, target, where, title)
             _add_update(target.module.weight, delta.mul_(multiplier * scale))
 
-        if defer is None or not defer(target.component, fuse):
+        if defer is None or not defer(target.component, fuse, target.module):
             fuse()
         else:
             _update(group, metadata, target, where, title)  # checked now, added later
