@@ -166,7 +166,7 @@ def build_folder(source, folder: Path, *, config=None, prediction=None, verify=T
     # Every module but the UNet waits on disk from when it is built to its own graphs; the UNet
     # is loaded and fused alone, then streamed from disk a layer at a time (exporter.parking).
     parked = ParkedWeights(folder / PARK_DIR, streamed=("unet",))
-    loaded = load_model(source, config, prediction, set_aside=parked.park)
+    loaded = load_model(source, config, prediction, set_aside=parked.park, unet_as_stored=True)
     adapters = []
     if loras or hypernetworks:
         from edgesd.exporter.adapters import apply_adapters

@@ -41,13 +41,15 @@ PREDICTIONS = {"epsilon": "epsilon", "eps": "epsilon", "v": "v_prediction", "v_p
 
 
 def load_model(source: str | Path, config: str | Path | None = None, prediction: str | None = None, *,
-               set_aside=None) -> LoadedModel:
+               set_aside=None, unet_as_stored: bool = False) -> LoadedModel:
     """Load `source`; `prediction` ("epsilon" or "v") overrides what configs and a sidecar
     `.yaml` say (A1111's convention: `parameterization: "v"` in a yaml beside the file).
 
     The text encoders and the VAE are built before the UNet, and `set_aside(attr, module)`, if
     given, is called with each as soon as it is built (the exporter parks their weights on disk
-    meanwhile: exporter.parking), so that the UNet is not built beside them."""
+    meanwhile: exporter.parking), so that the UNet is not built beside them. With
+    `unet_as_stored`, a single file's UNet keeps the precision of its file (fp16 for most: half
+    the memory) instead of fp32; the exporter casts it to fp32 layer by layer as it streams it."""
     set_aside = set_aside or (lambda attr, module: None)
     if prediction is not None and prediction not in PREDICTIONS:
         raise InvalidArgumentError(f"unknown prediction type {prediction!r}; valid: epsilon, v")
@@ -60,7 +62,8 @@ def load_model(source: str | Path, config: str | Path | None = None, prediction:
             f"{source}: not a checkpoint: expected a .safetensors/.ckpt file or a diffusers folder"
         )
     else:
-        loaded = _load_single_file(source, config, prediction or sidecar_prediction(source, config), set_aside)
+        loaded = _load_single_file(source, config, prediction or sidecar_prediction(source, config), set_aside,
+                                   unet_as_stored)
     if prediction:
         loaded.configs["scheduler"] = dict(loaded.configs["scheduler"], prediction_type=prediction)
     return loaded
@@ -106,7 +109,7 @@ def _config_source(config: str | Path | None, detection, prediction: str | None)
     raise InvalidArgumentError(f"--config {config}: expected a diffusers config folder or an LDM .yaml file")
 
 
-def _load_single_file(path: Path, config, prediction: str | None, set_aside) -> LoadedModel:
+def _load_single_file(path: Path, config, prediction: str | None, set_aside, unet_as_stored: bool) -> LoadedModel:
     import torch  # also: fail early with the import error if the extra is missing
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -119,18 +122,20 @@ def _load_single_file(path: Path, config, prediction: str | None, set_aside) -> 
     state.update({new: state.pop(old) for old, new in normalise_text_keys(list(state)).items()})
     prefixes = detection.family.ldm_prefixes
 
-    def take(prefix):
+    def take(prefix, float_dtype=torch.float32):  # the modules are built fp32, but for the UNet
         part = {k: state.pop(k) for k in [k for k in state if k.startswith(prefix)]}
         if not lazy:
             return part
-        tensors = read_safetensors(path, part.values(), float_dtype=torch.float32)  # the modules are built fp32
+        tensors = read_safetensors(path, part.values(), float_dtype=float_dtype)
         return {name: tensors[key] for name, key in part.items()}
 
-    def build(cls, component):
-        part = take(prefixes[component])
-        with _config_folder(configs, component, yaml) as kwargs:
+    def build(cls, component, float_dtype=torch.float32):
+        part = take(prefixes[component], float_dtype)
+        dtypes = {t.dtype for t in part.values() if t.is_floating_point()}
+        with _config_folder(configs, component, yaml) as kwargs, _quiet_diffusers():
             try:
-                model = cls.from_single_file(part, local_files_only=True, **kwargs)
+                model = cls.from_single_file(part, local_files_only=True, torch_dtype=float_dtype or _one(dtypes),
+                                             **kwargs)
             except (ValueError, RuntimeError, KeyError) as e:
                 raise CheckpointError(f"{path}: the {component} weights do not fit the architecture config "
                                       f"({_first_line(e)})") from None
@@ -146,10 +151,30 @@ def _load_single_file(path: Path, config, prediction: str | None, set_aside) -> 
         set_aside(encoder.name, texts[-1])
     vae = build(AutoencoderKL, "vae")
     set_aside("vae", vae)
-    unet = build(UNet2DConditionModel, "unet")
+    unet = build(UNet2DConditionModel, "unet", float_dtype=None if unet_as_stored else torch.float32)
     return LoadedModel(detection.family, detection.variant, configs, unet, vae, texts[0],
                        source={"file": path.name, "sha256": sha256_file(path), "format": "ldm-single-file"},
                        text_encoder_2=texts[1] if len(texts) > 1 else None)
+
+
+def _one(dtypes: set):
+    """The one floating-point dtype of a set, else fp32."""
+    import torch
+
+    return next(iter(dtypes)) if len(dtypes) == 1 else torch.float32
+
+
+@contextlib.contextmanager
+def _quiet_diffusers():
+    """Silence diffusers' advice to load in fp32 when the UNet is built in its file's fp16."""
+    from diffusers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
 
 
 @contextlib.contextmanager

@@ -174,27 +174,39 @@ def torch_reference(spec, model, configs: dict) -> list:
 
 
 def verify_component(spec, reference: list, path: Path, *, tolerance: float = FP32_TOLERANCE,
-                     min_snr_db: float | None = None) -> dict:
+                     min_snr_db: float | None = None, piece_bytes: int | None = None) -> dict:
     """Run onnxruntime on the inputs of `reference` (torch_reference) and compare; return the errors.
 
     The second shape differs from the traced one in batch and spatial size, so a dynamic
     axis that was frozen during tracing shows up here as a failure. A quantized graph is
-    judged by its output SNR (`min_snr_db`) instead of the exact-export tolerance.
+    judged by its output SNR (`min_snr_db`) instead of the exact-export tolerance. A graph with
+    more than `piece_bytes` of weights runs in pieces (exporter.segments), so that its session
+    never holds all of them beside the exporting process.
     """
-    from edgesd.exporter.quantize import output_snr_db
-
     import onnxruntime as ort
+
+    from edgesd.exporter.quantize import output_snr_db
+    from edgesd.exporter.segments import SEGMENT_BYTES, run_in_pieces
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    dtypes = graph_input_dtypes(session)  # float16 for an fp16 graph's float inputs
+    dtypes = graph_input_dtypes(path)  # float16 for an fp16 graph's float inputs
+    optional = [t for t in spec.inputs if t.default is not None]
+    feeds = []
+    for inputs, _ in reference:
+        feed = {t.name: x.astype(dtypes[t.name]) for t, x in zip(spec.inputs, inputs)}
+        feeds.append(feed)
+        if optional:  # leaving the optional inputs out must equal feeding their declared defaults
+            required = {k: v for k, v in feed.items() if k in spec.required_input_names}
+            feeds += [required, dict(required, **{t.name: t.default_array("fp32").astype(dtypes[t.name])
+                                                  for t in optional})]
+    results = iter(run_in_pieces(path, feeds, piece_bytes or SEGMENT_BYTES, options))
     worst = {"max_abs_error": 0.0, "relative_error": 0.0, "tolerance": tolerance}
     if min_snr_db is not None:
         worst = {"max_abs_error": 0.0, "relative_error": 0.0, "min_snr_db": min_snr_db, "snr_db": 300.0}
-    for inputs, expected in reference:
-        feed = {t.name: x.astype(dtypes[t.name]) for t, x in zip(spec.inputs, inputs)}
-        got = session.run(spec.output_names, feed)
+    for _, expected in reference:
+        outputs = next(results)
+        got = [outputs[name] for name in spec.output_names]
         for name, e, g in zip(spec.output_names, expected, got):
             if not np.isfinite(e).all():
                 raise ExportError(f"{spec.name}: output {name} is not finite in torch either: the weights overflow "
@@ -209,7 +221,12 @@ def verify_component(spec, reference: list, path: Path, *, tolerance: float = FP
                 worst.update(max_abs_error=err, relative_error=rel)
             if min_snr_db is not None:
                 worst["snr_db"] = min(worst["snr_db"], output_snr_db(e, g))
-        check_input_defaults(spec, session, feed, dtypes)
+        if optional:
+            without, explicit = next(results), next(results)
+            for name in spec.output_names:
+                if not np.array_equal(without[name], explicit[name]):
+                    raise ExportError(f"{spec.name}: output {name} without the optional inputs differs from their "
+                                      "defaults")
     if min_snr_db is not None:
         if not worst["snr_db"] >= min_snr_db:
             raise ExportError(f"{spec.name}: the quantized graph's output is {worst['snr_db']:.1f} dB SNR against "
@@ -223,22 +240,10 @@ def verify_component(spec, reference: list, path: Path, *, tolerance: float = FP
     return worst
 
 
-def graph_input_dtypes(session) -> dict:
-    """{input name: numpy dtype name} of a session's inputs, optional ones included."""
-    from edgesd.models.contract import ONNX_TYPE_NAMES
+def graph_input_dtypes(path: Path) -> dict:
+    """{input name: numpy dtype name} of a graph's inputs, optional ones included."""
+    import onnx
+    from onnx import helper
 
-    inputs = (*session.get_inputs(), *session.get_overridable_initializers())
-    return {i.name: ONNX_TYPE_NAMES.get(i.type, "float32") for i in inputs}
-
-
-def check_input_defaults(spec, session, feed: dict, dtypes: dict) -> None:
-    """Leaving out the optional inputs must equal feeding their declared defaults."""
-    optional = [t for t in spec.inputs if t.default is not None]
-    if not optional:
-        return
-    required = {k: v for k, v in feed.items() if k in spec.required_input_names}
-    explicit = dict(required, **{t.name: t.default_array("fp32").astype(dtypes[t.name]) for t in optional})
-    for name, a, b in zip(spec.output_names, session.run(spec.output_names, required),
-                          session.run(spec.output_names, explicit)):
-        if not np.array_equal(a, b):
-            raise ExportError(f"{spec.name}: output {name} without the optional inputs differs from their defaults")
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return {i.name: np.dtype(helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)).name for i in graph.input}
