@@ -45,17 +45,23 @@ def cache_root(value) -> Path | None:
     raise InvalidArgumentError(f"graph_cache must be True, False or a folder, got {value!r}")
 
 
-def inference_session(path: Path, options, providers: list, cached=None):
+def inference_session(path: Path, options, providers: list, cached=None, prepare=None):
     """An onnxruntime session on `path`; with a cache entry (`CachedGraph`), on the entry's graph
-    if it has a loadable one, else on `path`, saving the optimized graph into the entry."""
+    if it has a loadable one, else on `path`, saving the optimized graph into the entry.
+    `prepare(path, options)`, if given, returns what to load instead of the file at `path`
+    (model bytes) when it is loaded from source, and what must stay alive until it is loaded."""
     import onnxruntime as ort
 
     session = cached.load(options, providers) if cached is not None else None
     if session is not None:
         return session
+    source, held = prepare(path, options) if prepare is not None else (path, None)
     staging = cached.stage(options) if cached is not None else None
     try:
-        return ort.InferenceSession(str(path), options, providers=providers)
+        session = ort.InferenceSession(source if isinstance(source, bytes) else str(source), options,
+                                       providers=providers)
+        del held
+        return session
     finally:
         if staging is not None:
             options.optimized_model_filepath = ""  # the options may serve another session

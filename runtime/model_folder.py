@@ -126,8 +126,10 @@ class ModelFolder:
             from edgesd.runtime.graph_cache import CachedGraph
 
             cached = CachedGraph(graph_cache, self, component, options)
+        quantized = (self.manifest or {}).get("components", {}).get(component, {}).get("precision") == "int8"
         return Session(self.path / self.specs[component].path, self.specs[component], providers, options, io_binding,
-                       preoptimized=self.optimization is not None, cached=cached)
+                       preoptimized=self.optimization is not None, cached=cached,
+                       signed_int8=quantized and cpu_only(providers))
 
 
 def cpu_only(providers: list) -> bool:
@@ -155,11 +157,12 @@ class Session:
     provider onnxruntime really runs the graph on."""
 
     def __init__(self, path: Path, spec, providers: list, options=None, io_binding: bool | None = None,
-                 preoptimized: bool = False, cached=None):
+                 preoptimized: bool = False, cached=None, signed_int8: bool = False):
         import onnxruntime as ort
 
         from edgesd.runtime.device_io import BoundRunner
         from edgesd.runtime.graph_cache import inference_session
+        from edgesd.runtime.signed_int8 import load_signed
         from edgesd.runtime.providers import GPU_PROVIDERS, check_session, device_of, names, uses_cuda_graph
 
         self.spec = spec
@@ -171,7 +174,8 @@ class Session:
         if preoptimized:  # fused at export: the extended passes would only repeat the work at each load
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         try:
-            self.session = inference_session(path, options, providers, cached)
+            # int8 weights on the CPU run as signed where that is exact and faster (runtime/signed_int8.py)
+            self.session = inference_session(path, options, providers, cached, load_signed if signed_int8 else None)
         except Exception as e:  # onnxruntime raises its own exception types
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ModelFolderError(f"{path}: onnxruntime cannot load the graph ({reason})") from None

@@ -2,6 +2,7 @@
 against torch, recorded in the manifest, runs in the unchanged runtime, and passes `check`
 at the int8 tolerance."""
 
+import json
 import shutil
 
 import numpy as np
@@ -95,3 +96,68 @@ def test_unknown_mode_names_the_choices(tmp_path, tiny_checkpoint):
     with pytest.raises(UnknownNameError, match="int8-conv"):
         export(tiny_checkpoint, tmp_path / "out", config=TINY_CONFIG, quantize="int4")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("weights", ["inline", "external"])
+def test_uint8_weights_run_signed_on_vnni_cpus_with_the_same_outputs(int8_export, tmp_path, weights, monkeypatch):
+    """On CPUs with VNNI the runtime runs the UNet's uint8 MatMulInteger weights as int8
+    (runtime/signed_int8.py): every (weight - zero point) stays the same integer, so the UNet
+    gives the same outputs, bit for bit where the CPU really has VNNI; without VNNI the graph is
+    loaded as exported. Weights in model.onnx_data (a full-size UNet's) are converted as they
+    are read."""
+    import onnxruntime as ort
+    from onnx import TensorProto, numpy_helper
+
+    from edgesd.runtime import signed_int8
+    from edgesd.runtime.conformance.inputs import golden_inputs
+    from edgesd.runtime.model_folder import ModelFolder
+
+    folder = tmp_path / "model"
+    shutil.copytree(int8_export, folder)
+    path = folder / "unet" / "model.onnx"
+    if weights == "external":
+        proto = onnx.load(str(path))
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="model.onnx_data", size_threshold=0)
+        from edgesd.models.manifest import sha256_file
+
+        manifest = json.loads((folder / "edgesd.json").read_text())
+        manifest["components"]["unet"].update(sha256=sha256_file(path), external_data="unet/model.onnx_data",
+                                              external_data_sha256=sha256_file(folder / "unet" / "model.onnx_data"))
+        (folder / "edgesd.json").write_text(json.dumps(manifest))
+    unsigned = onnx.load(str(path))
+    model, external = signed_int8.signed_graph(path)
+    signed = onnx.load_from_string(model)
+    before = {t.name: t for t in unsigned.graph.initializer}
+    converted = 0
+    for node in signed.graph.node:
+        if node.op_type != "MatMulInteger":
+            continue
+        w, z = node.input[1], node.input[3]
+        tensors = {t.name: t for t in signed.graph.initializer}
+        after_w = external[w] if w in external else numpy_helper.to_array(tensors[w])
+        after_z = external[z] if z in external else numpy_helper.to_array(tensors[z])
+        assert tensors[w].data_type == TensorProto.INT8 and after_w.dtype == np.int8
+        old = numpy_helper.to_array(before[w]).astype(np.int16) - numpy_helper.to_array(before[z]).astype(np.int16)
+        assert np.array_equal(after_w.astype(np.int16) - after_z.astype(np.int16), old)
+        converted += 1
+    assert converted > 0 and (weights == "inline") == (not external)
+
+    opened = ModelFolder.open(folder)
+    spec = opened.specs["unet"]
+    feed = {k: v for k, v in golden_inputs(spec, opened.configs).items() if k in spec.required_input_names}
+    plain = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    calls, convert, really_vnni = [], signed_int8.signed_graph, signed_int8.has_vnni()
+    monkeypatch.setattr(signed_int8, "signed_graph", lambda p: calls.append(p) or convert(p))
+    monkeypatch.setattr(signed_int8, "has_vnni", lambda: True)
+    got = ModelFolder.open(folder).session("unet", ["CPUExecutionProvider"]).run(**feed)[0]
+    assert calls == [path]
+    if really_vnni:
+        assert np.array_equal(got, plain)
+    else:  # signed kernels may saturate here: close, not equal
+        assert float(np.abs(got - plain).max()) <= 0.05 * float(np.abs(plain).max())
+    monkeypatch.setattr(signed_int8, "has_vnni", lambda: False)
+    assert np.array_equal(ModelFolder.open(folder).session("unet", ["CPUExecutionProvider"]).run(**feed)[0], plain)
+    assert len(calls) == 1  # not converted without VNNI
+    text = ModelFolder.open(folder).session("text_encoder", ["CPUExecutionProvider"])  # fp32 graphs load as they are
+    assert len(calls) == 1 and text is not None
