@@ -66,6 +66,7 @@ def bind_weights(proto, weights: dict, folder: Path, *, data_name: str = "model.
     from onnx import helper, numpy_helper
 
     graph = proto.graph
+    weights = {name: fn for name, fn in weights.items() if name in {i.name for i in graph.input}}
     if external is None:
         external = sum(_input_bytes(i) for i in graph.input if i.name in weights) >= MAX_INLINE_BYTES
     uses = {}
