@@ -30,6 +30,11 @@ def safetensors_shapes(path: Path) -> dict:
     return {key: tuple(info["shape"]) for key, info in _safetensors_header(path)[0].items()}
 
 
+def safetensors_float_dtypes(path: Path) -> set:
+    """The safetensors dtype names ("F16", "BF16", "F32", ...) of a file's floating-point tensors."""
+    return {info["dtype"] for info in _safetensors_header(path)[0].values() if info["dtype"].startswith(("F", "BF"))}
+
+
 def _safetensors_header(path: Path) -> tuple[dict, int]:
     """({key: header entry}, offset of the data), every entry checked against the file's size."""
     try:

@@ -56,7 +56,7 @@ def load_model(source: str | Path, config: str | Path | None = None, prediction:
     prediction = PREDICTIONS.get(prediction)
     source = check_file(source)
     if source.is_dir():
-        loaded = _load_diffusers_folder(source, set_aside)
+        loaded = _load_diffusers_folder(source, set_aside, unet_as_stored)
     elif source.suffix.lower() not in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES:
         raise CheckpointError(
             f"{source}: not a checkpoint: expected a .safetensors/.ckpt file or a diffusers folder"
@@ -224,7 +224,8 @@ def _build_text_encoder(part: dict, config: dict, path: Path, encoder):
     return model.eval()
 
 
-def _load_diffusers_folder(folder: Path, set_aside) -> LoadedModel:
+def _load_diffusers_folder(folder: Path, set_aside, unet_as_stored: bool = False) -> LoadedModel:
+    import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -240,7 +241,9 @@ def _load_diffusers_folder(folder: Path, set_aside) -> LoadedModel:
             set_aside(encoder.name, texts[-1])
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True)
         set_aside("vae", vae)
-        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True)
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True,
+                                                    torch_dtype=stored_dtype(folder / "unet") if unet_as_stored
+                                                    else torch.float32)
     except (OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{folder}: cannot load the diffusers model ({_first_line(e)})") from None
     text = texts[0]
@@ -250,6 +253,21 @@ def _load_diffusers_folder(folder: Path, set_aside) -> LoadedModel:
     tokenizer = folder / "tokenizer" if (folder / "tokenizer" / "vocab.json").is_file() else None
     return LoadedModel(family, variant, configs, unet.eval(), vae.eval(), text, source, tokenizer,
                        text_encoder_2=texts[1] if len(texts) > 1 else None)
+
+
+def stored_dtype(folder: Path):
+    """The one floating-point dtype of a diffusers component's safetensors weights; fp32 when
+    they mix dtypes or are pickles."""
+    import torch
+
+    from edgesd.exporter.checkpoint import safetensors_float_dtypes
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files or any(folder.glob("*.bin")):
+        return torch.float32
+    names = set().union(*(safetensors_float_dtypes(f) for f in files))
+    dtypes = {"F16": torch.float16, "BF16": torch.bfloat16}
+    return dtypes.get(names.pop(), torch.float32) if len(names) == 1 else torch.float32
 
 
 def _first_line(e: Exception) -> str:

@@ -367,13 +367,14 @@ def test_lora_updates_of_parked_modules_wait_for_their_weights(tiny_checkpoint, 
     parked.discard()
 
 
-@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
-def test_streamed_unet_runs_as_the_fused_fp32_unet_in_memory(suffix, tmp_path):
-    """The exporter keeps an fp16 file's UNet in fp16, then streams it to disk layer by layer in
-    fp32 with the LoRA updates that waited for each layer, and runs it layer by layer from disk.
-    Its golden outputs (written from that run) equal, bit for bit, those of the same UNet loaded
-    in fp32 with the adapters fused in memory; and the ONNX graph bound from the streamed
-    weights matches them at the exact-export tolerance."""
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt", "diffusers folder"])
+def test_streamed_unet_runs_as_the_fused_fp32_unet_in_memory(suffix, tmp_path, request):
+    """The exporter keeps an fp16 file's UNet in fp16 (a single file's, or a diffusers folder's
+    saved in fp16), then streams it to disk layer by layer in fp32 with the LoRA updates that
+    waited for each layer, and runs it layer by layer from disk. Its golden outputs (written
+    from that run) equal, bit for bit, those of the same UNet loaded in fp32 with the adapters
+    fused in memory; and the ONNX graph bound from the streamed weights matches them at the
+    exact-export tolerance."""
     import copy
 
     import onnxruntime as ort
@@ -385,7 +386,13 @@ def test_streamed_unet_runs_as_the_fused_fp32_unet_in_memory(suffix, tmp_path):
     from edgesd.exporter.load import load_model
     from edgesd.exporter.synth import write_synthetic_checkpoint
 
-    checkpoint = write_synthetic_checkpoint("sd1", "tiny", tmp_path / f"half{suffix}", seed=3, dtype="fp16")
+    if suffix == "diffusers folder":
+        pipe = request.getfixturevalue("reference_pipeline")
+        checkpoint = tmp_path / "half-diffusers"
+        components = dict(pipe.components, unet=copy.deepcopy(pipe.unet).half())
+        type(pipe)(**components).save_pretrained(checkpoint, safe_serialization=True)
+    else:
+        checkpoint = write_synthetic_checkpoint("sd1", "tiny", tmp_path / f"half{suffix}", seed=3, dtype="fp16")
     base = load_model(checkpoint, TINY_CONFIG)
     assert next(base.unet.parameters()).dtype == torch.float32
     lora = synth.write_kohya_lora(base, tmp_path / "lora.safetensors", seed=4, alphas="present")
