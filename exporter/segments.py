@@ -15,6 +15,11 @@ from pathlib import Path
 SEGMENT_BYTES = 1 << 30  # weights per piece when verifying a large graph
 
 
+class UntypedValue(ValueError):
+    """A value that would cross a cut has no type ONNX shape inference knows (a contrib op's
+    output, say): the graph is then run whole."""
+
+
 def weight_bytes(tensor) -> int:
     """Bytes of an initializer, whether its data is inline or external."""
     for entry in tensor.external_data:
@@ -60,10 +65,10 @@ def split(proto, max_bytes: int) -> list:
         made = {o for node in nodes for o in node.output}
         reads = {n for node in nodes for n in node.input if n} - made
         inputs = [n for n in sorted(reads) if n not in initializers or n in defaults]
-        outputs = [n for n in sorted(made & read_later[i])]
+        outputs = sorted(made & read_later[i])
         missing = [n for n in inputs + outputs if n not in infos]
         if missing:
-            raise ValueError(f"no type known for {missing[:3]}")
+            raise UntypedValue(f"no type known for {missing[:3]}")
         piece = helper.make_graph(
             nodes, f"{graph.name}_{i}", [infos[n] for n in inputs], [infos[n] for n in outputs],
             [initializers[n] for n in sorted(reads) if n in initializers])
@@ -78,7 +83,10 @@ def _value_infos(proto) -> dict:
     import onnx
     from onnx import helper
 
-    graph = onnx.shape_inference.infer_shapes(proto).graph
+    try:
+        graph = onnx.shape_inference.infer_shapes(proto).graph
+    except Exception:  # noqa: BLE001 - onnx raises several types; the graph's own value_info remains
+        graph = proto.graph
     infos = {t.name: helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in graph.initializer}
     for info in (*graph.value_info, *graph.input, *graph.output):
         if info.type.tensor_type.elem_type:
@@ -95,7 +103,10 @@ def run_in_pieces(path: Path, feeds: list, max_bytes: int = SEGMENT_BYTES, optio
     path = Path(path)
     proto = onnx.load(str(path), load_external_data=False)
     outputs = [o.name for o in proto.graph.output]
-    pieces = split(proto, max_bytes) if len(cut(proto.graph, max_bytes)) > 1 else [None]  # None: the graph whole
+    try:
+        pieces = split(proto, max_bytes) if len(cut(proto.graph, max_bytes)) > 1 else [None]  # None: the graph whole
+    except UntypedValue:
+        pieces = [None]
     del proto
     values = [dict(feed) for feed in feeds]
     for i, piece in enumerate(pieces):

@@ -450,6 +450,12 @@ def test_a_graph_run_in_pieces_gives_what_it_gives_whole(tiny_export, tmp_path):
     scale = float(np.abs(whole).max())
     assert float(np.abs(pieces["out_sample"] - whole).max()) <= 1e-5 * scale
     assert sorted(p.name for p in folder.iterdir()) == sorted(["model.onnx", EXTERNAL_DATA])
+    with pytest.MonkeyPatch.context() as patch:  # a value crossing a cut with no known type: run whole
+        from edgesd.exporter import segments
+
+        patch.setattr(segments, "_value_infos", lambda proto: {})
+        [untyped] = run_in_pieces(path, feeds, total // 5)
+        assert np.array_equal(untyped["out_sample"], whole)
 
     from edgesd.exporter.load import load_model
 
