@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+EXTERNAL_DATA = "model.onnx_data"  # a component's weights file, beside its model.onnx
 MAX_INLINE_BYTES = 2**31 - 2**26  # above this, weights go to model.onnx_data (protobuf's 2 GB limit, with room)
 ALIGN = 4096  # external weights start on page boundaries, so onnxruntime can memory-map them
 # Ops never folded: they draw random numbers, or carry subgraphs.
@@ -55,7 +56,7 @@ def trace(graph, inputs, path: Path, spec, opset: int) -> None:
                           dynamic_axes=spec.dynamic_axes())
 
 
-def bind_weights(proto, weights: dict, folder: Path, *, data_name: str = "model.onnx_data",
+def bind_weights(proto, weights: dict, folder: Path, *, data_name: str = EXTERNAL_DATA,
                  external: bool | None = None) -> None:
     """Turn the graph inputs of `proto` named in `weights` ({name: fn() -> np.ndarray}) into
     initializers and fold every node whose inputs are all constant, in place.
@@ -66,7 +67,8 @@ def bind_weights(proto, weights: dict, folder: Path, *, data_name: str = "model.
     from onnx import helper, numpy_helper
 
     graph = proto.graph
-    weights = {name: fn for name, fn in weights.items() if name in {i.name for i in graph.input}}
+    input_names = {i.name for i in graph.input}  # an initializer that is also an input is a default
+    weights = {name: fn for name, fn in weights.items() if name in input_names}
     if external is None:
         external = sum(_input_bytes(i) for i in graph.input if i.name in weights) >= MAX_INLINE_BYTES
     uses = {}
@@ -105,12 +107,13 @@ def bind_weights(proto, weights: dict, folder: Path, *, data_name: str = "model.
             kept.append(helper.make_node("Constant", [], [name], value=tensor))
             return
         if data is not None and tensor.ByteSize() > 1024:
-            _append_external(tensor, data, data_name)
+            raw = tensor.raw_data
+            tensor.ClearField("raw_data")
+            append_external(tensor, raw, data, data_name)
         graph.initializer.append(tensor)
 
     try:
-        overridable = {i.name for i in graph.input}  # an initializer that is also an input is a default
-        constant = set(weights) | {t.name for t in graph.initializer if t.name not in overridable}
+        constant = set(weights) | {t.name for t in graph.initializer if t.name not in input_names}
         for init in graph.initializer:
             if init.name in constant:
                 values[init.name] = numpy_helper.to_array(init)
@@ -168,18 +171,16 @@ def _input_bytes(value_info) -> int:
     return count * np.dtype(helper.tensor_dtype_to_np_dtype(value_info.type.tensor_type.elem_type)).itemsize
 
 
-def _append_external(tensor, data, data_name: str) -> None:
-    """Move `tensor`'s bytes to the end of the open file `data` (page-aligned) and point it there."""
+def append_external(tensor, raw: bytes, data, data_name: str) -> None:
+    """Write `raw` (`tensor`'s bytes) at the end of the open file `data`, page-aligned, and point
+    `tensor` there as its external data."""
     from onnx import TensorProto
 
-    raw = tensor.raw_data
     offset = data.tell()
-    padding = (-offset) % ALIGN
-    data.write(b"\0" * padding)
-    offset += padding
+    offset += data.write(b"\0" * ((-offset) % ALIGN))
     data.write(raw)
-    tensor.ClearField("raw_data")
     tensor.data_location = TensorProto.EXTERNAL
+    del tensor.external_data[:]
     for key, val in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
         entry = tensor.external_data.add()
         entry.key, entry.value = key, val

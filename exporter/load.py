@@ -158,10 +158,10 @@ def _load_single_file(path: Path, config, prediction: str | None, set_aside, une
 
 
 def _one(dtypes: set):
-    """The one floating-point dtype of a set, else fp32."""
+    """The one floating-point dtype of a set, else fp32 (None in the set: a dtype torch lacks)."""
     import torch
 
-    return next(iter(dtypes)) if len(dtypes) == 1 else torch.float32
+    return next(iter(dtypes)) if len(dtypes) == 1 and None not in dtypes else torch.float32
 
 
 @contextlib.contextmanager
@@ -265,9 +265,9 @@ def stored_dtype(folder: Path):
     files = sorted(folder.glob("*.safetensors"))
     if not files or any(folder.glob("*.bin")):
         return torch.float32
+    dtypes = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
     names = set().union(*(safetensors_float_dtypes(f) for f in files))
-    dtypes = {"F16": torch.float16, "BF16": torch.bfloat16}
-    return dtypes.get(names.pop(), torch.float32) if len(names) == 1 else torch.float32
+    return _one({dtypes.get(name) for name in names})
 
 
 def _first_line(e: Exception) -> str:

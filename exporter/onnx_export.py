@@ -13,10 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from edgesd.errors import ExportError
-from edgesd.exporter.bind import MAX_INLINE_BYTES
+from edgesd.exporter.bind import EXTERNAL_DATA, MAX_INLINE_BYTES
 
 OPSET = 17
-EXTERNAL_DATA = "model.onnx_data"
 FP32_TOLERANCE = 1e-3  # max abs error relative to the output's max magnitude
 
 
@@ -50,7 +49,7 @@ def export_component(spec, model, configs: dict, folder: Path, *, opset: int = O
     return path
 
 
-def consolidate_external_data(proto, source: Path, data_file: Path, align: int = 4096) -> None:
+def consolidate_external_data(proto, source: Path, data_file: Path) -> None:
     """Copy every external tensor of `proto` (files under `source`) into `data_file`.
 
     Offsets are page-aligned so onnxruntime can memory-map the weights; the proto's
@@ -58,7 +57,8 @@ def consolidate_external_data(proto, source: Path, data_file: Path, align: int =
     """
     from onnx import TensorProto
 
-    offset = 0
+    from edgesd.exporter.bind import append_external
+
     with open(data_file, "wb") as out:
         for tensor in _all_tensors(proto.graph):
             if tensor.data_location != TensorProto.EXTERNAL:
@@ -68,15 +68,7 @@ def consolidate_external_data(proto, source: Path, data_file: Path, align: int =
             with open(source / info["location"], "rb") as f:
                 f.seek(start)
                 data = f.read() if length is None else f.read(int(length))
-            padding = (-offset) % align
-            out.write(b"\0" * padding)
-            offset += padding
-            out.write(data)
-            del tensor.external_data[:]
-            for key, value in (("location", data_file.name), ("offset", str(offset)), ("length", str(len(data)))):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, value
-            offset += len(data)
+            append_external(tensor, data, out, data_file.name)
 
 
 def load_graph(path: Path):
@@ -190,16 +182,14 @@ def verify_component(spec, reference: list, path: Path, *, tolerance: float = FP
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    dtypes = graph_input_dtypes(path)  # float16 for an fp16 graph's float inputs
     optional = [t for t in spec.inputs if t.default is not None]
-    feeds = []
+    feeds = []  # cast to the graph's input types as they are fed (float16 for an fp16 graph)
     for inputs, _ in reference:
-        feed = {t.name: x.astype(dtypes[t.name]) for t, x in zip(spec.inputs, inputs)}
+        feed = {t.name: x for t, x in zip(spec.inputs, inputs)}
         feeds.append(feed)
         if optional:  # leaving the optional inputs out must equal feeding their declared defaults
             required = {k: v for k, v in feed.items() if k in spec.required_input_names}
-            feeds += [required, dict(required, **{t.name: t.default_array("fp32").astype(dtypes[t.name])
-                                                  for t in optional})]
+            feeds += [required, dict(required, **{t.name: t.default_array("fp32") for t in optional})]
     results = iter(run_in_pieces(path, feeds, piece_bytes or SEGMENT_BYTES, options))
     worst = {"max_abs_error": 0.0, "relative_error": 0.0, "tolerance": tolerance}
     if min_snr_db is not None:
@@ -238,12 +228,3 @@ def verify_component(spec, reference: list, path: Path, *, tolerance: float = FP
             f"scale (max abs {worst['max_abs_error']:.3g}); tolerance {tolerance:g}"
         )
     return worst
-
-
-def graph_input_dtypes(path: Path) -> dict:
-    """{input name: numpy dtype name} of a graph's inputs, optional ones included."""
-    import onnx
-    from onnx import helper
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    return {i.name: np.dtype(helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)).name for i in graph.input}

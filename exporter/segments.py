@@ -12,6 +12,8 @@ from __future__ import annotations
 import gc
 from pathlib import Path
 
+from edgesd.exporter.bind import EXTERNAL_DATA
+
 SEGMENT_BYTES = 1 << 30  # weights per piece when verifying a large graph
 
 
@@ -95,19 +97,25 @@ def _value_infos(proto) -> dict:
 
 
 def run_in_pieces(path: Path, feeds: list, max_bytes: int = SEGMENT_BYTES, options=None) -> list:
-    """Run the graph at `path` on each feed ({input: array}); return for each a dict of the
-    graph's outputs. One piece's session at a time; all feeds go through it before the next."""
+    """Run the graph at `path` on each feed ({input: array}, cast to the graph's input types);
+    return for each a dict of the graph's outputs. One piece's session at a time; all feeds go
+    through it before the next. A graph whose files hold at most `max_bytes` runs whole, unread."""
+    import numpy as np
     import onnx
     import onnxruntime as ort
 
+    from edgesd.models.contract import ONNX_TYPE_NAMES
+
     path = Path(path)
-    proto = onnx.load(str(path), load_external_data=False)
-    outputs = [o.name for o in proto.graph.output]
-    try:
-        pieces = split(proto, max_bytes) if len(cut(proto.graph, max_bytes)) > 1 else [None]  # None: the graph whole
-    except UntypedValue:
-        pieces = [None]
-    del proto
+    pieces, outputs = [None], None  # None: the graph whole
+    if sum(f.stat().st_size for f in (path, path.parent / EXTERNAL_DATA) if f.is_file()) > max_bytes:
+        proto = onnx.load(str(path), load_external_data=False)
+        outputs = [o.name for o in proto.graph.output]
+        try:
+            pieces = split(proto, max_bytes) if len(cut(proto.graph, max_bytes)) > 1 else [None]
+        except UntypedValue:
+            pieces = [None]
+        del proto
     values = [dict(feed) for feed in feeds]
     for i, piece in enumerate(pieces):
         piece_path = path if piece is None else path.parent / f".piece{i}.onnx"
@@ -116,10 +124,12 @@ def run_in_pieces(path: Path, feeds: list, max_bytes: int = SEGMENT_BYTES, optio
         try:
             session = ort.InferenceSession(str(piece_path), options, providers=["CPUExecutionProvider"])
             names = [o.name for o in session.get_outputs()]
-            wanted = {i.name for i in session.get_inputs()} | {i.name for i in session.get_overridable_initializers()}
+            outputs = outputs or names
+            types = {i.name: ONNX_TYPE_NAMES.get(i.type, "float32")
+                     for i in (*session.get_inputs(), *session.get_overridable_initializers())}
             for value in values:
-                results = session.run(names, {k: v for k, v in value.items() if k in wanted})
-                value.update(zip(names, results))
+                feed = {k: np.asarray(v).astype(types[k], copy=False) for k, v in value.items() if k in types}
+                value.update(zip(names, session.run(names, feed)))
             del session
             gc.collect()
         finally:

@@ -72,11 +72,9 @@ def cpu_signature() -> str:
     """The CPU features onnxruntime's kernels choose from (as numpy detects them), and the machine."""
     import platform
 
-    try:
-        from numpy._core._multiarray_umath import __cpu_features__ as features
-    except ImportError:  # numpy < 2
-        from numpy.core._multiarray_umath import __cpu_features__ as features
-    return platform.machine() + ":" + ",".join(sorted(name for name, present in features.items() if present))
+    from edgesd.runtime.providers import cpu_features
+
+    return platform.machine() + ":" + ",".join(sorted(name for name, present in cpu_features().items() if present))
 
 
 class CachedGraph:

@@ -117,6 +117,16 @@ def cuda_options(device_id, gpu_mem_limit, arena_extend_strategy, cudnn_conv_alg
     return options
 
 
+def cpu_features() -> dict:
+    """{feature: present} of this CPU as numpy detects it (AVX512F, AVX512VNNI, ...): what
+    onnxruntime's CPU kernels choose from."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as features
+    except ImportError:  # numpy < 2
+        from numpy.core._multiarray_umath import __cpu_features__ as features
+    return dict(features)
+
+
 def names(providers: list) -> list:
     """The provider names of a `resolve` list."""
     return [p if isinstance(p, str) else p[0] for p in providers]

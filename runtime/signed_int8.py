@@ -22,12 +22,11 @@ def has_vnni() -> bool:
     """Whether this CPU has VNNI (AVX512-VNNI or AVX-VNNI), as numpy detects it."""
     import platform
 
+    from edgesd.runtime.providers import cpu_features
+
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
-    try:
-        from numpy._core._multiarray_umath import __cpu_features__ as features
-    except ImportError:  # numpy < 2
-        from numpy.core._multiarray_umath import __cpu_features__ as features
+    features = cpu_features()
     return bool(features.get("AVX512VNNI") or features.get("AVXVNNI"))
 
 

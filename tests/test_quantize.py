@@ -108,6 +108,7 @@ def test_uint8_weights_run_signed_on_vnni_cpus_with_the_same_outputs(int8_export
     import onnxruntime as ort
     from onnx import TensorProto, numpy_helper
 
+    from edgesd.models.manifest import sha256_file
     from edgesd.runtime import signed_int8
     from edgesd.runtime.conformance.inputs import golden_inputs
     from edgesd.runtime.model_folder import ModelFolder
@@ -119,8 +120,6 @@ def test_uint8_weights_run_signed_on_vnni_cpus_with_the_same_outputs(int8_export
         proto = onnx.load(str(path))
         onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location="model.onnx_data", size_threshold=0)
-        from edgesd.models.manifest import sha256_file
-
         manifest = json.loads((folder / "edgesd.json").read_text())
         manifest["components"]["unet"].update(sha256=sha256_file(path), external_data="unet/model.onnx_data",
                                               external_data_sha256=sha256_file(folder / "unet" / "model.onnx_data"))
@@ -129,12 +128,12 @@ def test_uint8_weights_run_signed_on_vnni_cpus_with_the_same_outputs(int8_export
     model, external = signed_int8.signed_graph(path)
     signed = onnx.load_from_string(model)
     before = {t.name: t for t in unsigned.graph.initializer}
+    tensors = {t.name: t for t in signed.graph.initializer}
     converted = 0
     for node in signed.graph.node:
         if node.op_type != "MatMulInteger":
             continue
         w, z = node.input[1], node.input[3]
-        tensors = {t.name: t for t in signed.graph.initializer}
         after_w = external[w] if w in external else numpy_helper.to_array(tensors[w])
         after_z = external[z] if z in external else numpy_helper.to_array(tensors[z])
         assert tensors[w].data_type == TensorProto.INT8 and after_w.dtype == np.int8
